@@ -1,0 +1,49 @@
+# flaxtrain: `make train` sets up everything and trains the default config; `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/fashion_cnn.py
+ARGS ?=
+# Debian ships the original Fashion-MNIST files: used offline where there is no internet.
+FASHION_MNIST_DEB := /usr/share/datasets/fashion-mnist
+
+.PHONY: venv data train test test-fast lint format bench clean
+
+venv: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# Prepares the default dataset in TFDS's data dir: from a local copy when there is one
+# (installing Debian's package if we can), else by TFDS's normal download.
+data: venv
+	@if [ ! -d $(FASHION_MNIST_DEB) ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) || true; fi
+	$(BIN)/python -m flaxtrain.datasets fashion_mnist
+
+train: data
+	$(BIN)/flaxtrain --config=$(CONFIG) $(ARGS)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: venv
+	$(BIN)/ruff check flaxtrain tests configs scripts
+	$(BIN)/ruff format --check flaxtrain tests configs scripts
+
+format: venv
+	$(BIN)/ruff format flaxtrain tests configs scripts
+	$(BIN)/ruff check --fix flaxtrain tests configs scripts
+
+bench: venv
+	$(BIN)/python scripts/benchmark.py --config=$(CONFIG) $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,75 @@
+"""The base config every `configs/*.py` starts from: every key declared once, typed.
+
+Config files call `get_base_config()`, change what differs and return it; the
+CLI locks the result, so a typo'd override fails instead of adding a key.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Global batch, across all devices of all processes. Must divide by the device count.
+  c.batch_size = 128
+  c.eval_batch_size = 1000
+  c.num_epochs = 10
+  c.num_train_steps = config_dict.placeholder(int)  # Overrides num_epochs when set.
+  c.log_every_steps = 100
+  c.eval_every_steps = config_dict.placeholder(int)  # Default: once per epoch.
+  c.checkpoint_every_steps = config_dict.placeholder(int)  # Default: once per epoch.
+  c.keep_checkpoints = 3  # The newest N are kept, plus the best by eval accuracy.
+  # Train steps run per device dispatch (lax loop on device); log/eval/checkpoint
+  # steps stay exact. 0 picks a default for the platform.
+  c.steps_per_dispatch = 0
+  # 'error' stops at a NaN/Inf loss or gradient without applying it; 'skip' drops the
+  # update and counts it in the metrics.
+  c.nonfinite = "error"
+  c.init_from = config_dict.placeholder(str)  # Another run's workdir or checkpoint dir.
+  c.compute_dtype = "float32"  # 'bfloat16': bf16 compute, float32 parameters.
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "fashion_mnist"
+  c.dataset.data_dir = config_dict.placeholder(str)  # TFDS data dir; default TFDS's own.
+  c.dataset.manual_dir = config_dict.placeholder(str)  # Local copies of the original files.
+  c.dataset.train_split = "train"
+  c.dataset.eval_split = "test"
+  # Keep the decoded dataset on every device and gather batches there ('auto': when it
+  # is small enough); otherwise batches are gathered on the host and transferred.
+  c.dataset.on_device = "auto"
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "cnn"
+
+  c.task = ml_collections.ConfigDict()
+  c.task.name = "classification"
+  c.task.label_smoothing = 0.0
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "sgd"
+  c.optimizer.learning_rate = 0.1  # Peak learning rate of the schedule.
+  c.optimizer.momentum = 0.9  # sgd
+  c.optimizer.nesterov = False  # sgd
+  c.optimizer.b1 = 0.9  # adam, adamw
+  c.optimizer.b2 = 0.999  # adam, adamw
+  c.optimizer.eps = 1e-8  # adam, adamw
+  c.optimizer.weight_decay = 0.0  # Decoupled for adamw; added to the gradient otherwise.
+  c.optimizer.weight_decay_mask = "kernels"  # 'kernels' leaves biases and norm scales alone; 'all'.
+  c.optimizer.grad_clip_norm = config_dict.placeholder(float)  # Global-norm clipping.
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = "constant"  # constant | cosine | warmup_cosine | piecewise
+  c.schedule.warmup_epochs = 0.0  # warmup_cosine
+  c.schedule.end_factor = 0.0  # cosine, warmup_cosine: final lr as a fraction of the peak.
+  c.schedule.boundaries_epochs = (5.0, 8.0)  # piecewise
+  c.schedule.decay_factor = 0.1  # piecewise: lr multiplied by this at each boundary.
+  return c
+
+
+def cnn_model(features=(32, 64), dense=(256,)) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(name="cnn", features=features, dense=dense))
+
+
+def mlp_model(hidden=(128,)) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(name="mlp", hidden=hidden))

@@ -1,0 +1,43 @@
+"""The tutorials' CNN and MLP."""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class CNN(nn.Module):
+  """Conv 3x3 -> relu -> avg_pool 2x2 per entry of `features`, then dense layers."""
+
+  num_classes: int
+  features: Sequence[int] = (32, 64)
+  dense: Sequence[int] = (256,)
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    del train  # No dropout or BatchNorm here; the signature is shared by all models.
+    for f in self.features:
+      x = nn.Conv(f, (3, 3), dtype=self.dtype)(x)
+      x = nn.relu(x)
+      x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    for d in self.dense:
+      x = nn.relu(nn.Dense(d, dtype=self.dtype)(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x)
+
+
+class MLP(nn.Module):
+  """Flatten -> (Dense -> relu) per entry of `hidden` -> Dense."""
+
+  num_classes: int
+  hidden: Sequence[int] = (128,)
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    del train
+    x = x.reshape((x.shape[0], -1))
+    for h in self.hidden:
+      x = nn.relu(nn.Dense(h, dtype=self.dtype)(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x)

@@ -1,0 +1,45 @@
+"""Stop signals: SIGTERM or a first Ctrl-C finish the step, save, and exit cleanly."""
+
+import signal
+import threading
+
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+
+class Stopper:
+  """Records SIGTERM/SIGINT; `should_stop` is agreed by all processes at the same step."""
+
+  def __init__(self, par):
+    self._par = par
+    self._requested = threading.Event()
+    self._installed = False
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+      self._installed = True
+
+  def _handle(self, signum, frame):
+    if self._requested.is_set() and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # A second Ctrl-C aborts at once.
+    self._requested.set()
+    logging.warning("Received %s: finishing the current steps, then saving a checkpoint "
+                    "(press Ctrl-C again to abort without saving).",
+                    signal.Signals(signum).name)
+
+  def request(self):
+    self._requested.set()
+
+  def should_stop(self, step: int) -> bool:
+    local = self._requested.is_set()
+    if self._par.num_processes == 1:
+      return local
+    # Every process must stop after the same step, or their collectives would deadlock.
+    flags = multihost_utils.process_allgather(np.array(local, np.int32))
+    return bool(np.any(flags))
+
+  def restore(self):
+    if self._installed:
+      for s, handler in self._previous.items():
+        signal.signal(s, handler)
+      self._installed = False

@@ -1,0 +1,70 @@
+"""Shared test set-up: 4 fake CPU devices in-process, synthetic learnable data."""
+
+import os
+
+# Must be set before JAX initializes its backends.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_config(name: str):
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def synthetic_split(n: int, seed: int, shape=(28, 28, 1), num_classes: int = 10):
+  """Images whose brightness pattern depends on the label: learnable in a few steps."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, num_classes, n).astype(np.int32)
+  base = np.random.default_rng(1234).random((num_classes, *shape))  # Same in every split.
+  noise = rng.random((n, *shape))
+  images = (255 * (0.7 * base[labels] + 0.3 * noise)).astype(np.uint8)
+  return {"image": images, "label": labels}
+
+
+@pytest.fixture
+def synthetic_data(monkeypatch):
+  """Replaces datasets.load with a small learnable dataset (2,048 train / 500 eval)."""
+  return patch_synthetic(monkeypatch)
+
+
+def patch_synthetic(monkeypatch):
+  from flaxtrain import datasets
+
+  def load(name, **_):
+    spec = datasets.DatasetSpec(name=name, image_shape=(28, 28, 1), num_classes=10,
+                                class_names=tuple(str(i) for i in range(10)),
+                                train_split="train", eval_split="test",
+                                num_train=2048, num_eval=500)
+    return spec, synthetic_split(2048, 0), synthetic_split(500, 1)
+
+  monkeypatch.setattr(datasets, "load", load)
+  return load
+
+
+def tiny_config(**overrides):
+  c = load_config("fashion_cnn")
+  c.model.features = (8, 16)
+  c.model.dense = (32,)
+  c.batch_size = 64
+  c.eval_batch_size = 128
+  c.num_epochs = 2
+  c.log_every_steps = 8
+  c.optimizer.learning_rate = 1e-2
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c

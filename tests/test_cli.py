@@ -1,0 +1,55 @@
+"""The command line as a user meets it: one-sentence errors, nothing written on bad input."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+
+def flaxtrain(*args, env=None, cwd=ROOT, timeout=300):
+  full_env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+              **(env or {})}
+  return subprocess.run([sys.executable, "-m", "flaxtrain.main", *args], cwd=cwd,
+                        env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+BAD_INPUT = [
+    (["--config.optimizer.nmae=x"], "did you mean --config.optimizer.name?"),
+    (["--config.model.name=nope"], "Unknown model 'nope'"),
+    (["--config.optimizer.name=adamx"], "Unknown optimizer 'adamx'"),
+    (["--config.schedule.name=linear"], "Unknown schedule 'linear'"),
+    (["--config.dataset.name=fashon_mnist"], "fashion_mnist"),
+    (["--config.batch_size=abc"], "--config.batch_size=abc"),
+    (["--config.batch_size=0"], "batch_size must be a positive int"),
+    (["--config.batch_size=-8"], "batch_size must be a positive int"),
+    (["--config.batch_size=66"], "does not divide by the 4 devices"),
+    (["--config.num_epochs=0"], "num_epochs must be a positive int"),
+    (["--config.optimizer.learning_rate=-0.1"], "learning_rate must be > 0"),
+    (["--config=configs/nope.py"], "does not exist"),
+    (["--config.nonfinite=ignore"], "nonfinite must be 'error' or 'skip'"),
+    (["--config.compute_dtype=float8"], "compute_dtype must be one of"),
+    (["--bogus=1"], "Unknown command line flag 'bogus'"),
+    (["--config.dataset.manual_dir=/nonexistent/dir"], "/nonexistent/dir"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, args, needle):
+  workdir = tmp_path / "run"
+  r = flaxtrain(*args, f"--workdir={workdir}")
+  assert r.returncode != 0
+  errors = [line for line in r.stderr.splitlines() if line.startswith("flaxtrain: error:")]
+  assert len(errors) == 1, r.stderr[-3000:]
+  assert needle in errors[0]
+  assert "Traceback" not in r.stderr
+  assert not workdir.exists()
+
+
+def test_workdir_that_is_a_file(tmp_path):
+  path = tmp_path / "file"
+  path.write_text("keep me")
+  r = flaxtrain("--config.num_train_steps=1", f"--workdir={path}")
+  assert r.returncode != 0 and "is a file, not a directory" in r.stderr
+  assert path.read_text() == "keep me"

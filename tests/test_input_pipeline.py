@@ -1,0 +1,78 @@
+import jax
+import numpy as np
+import pytest
+from conftest import synthetic_split
+
+from flaxtrain import input_pipeline, parallel
+from flaxtrain.errors import UserError
+
+
+def _pipe(devices=None, n_train=1000, n_eval=10_000, batch=64, eval_batch=256, on_device="auto",
+          seed=0):
+  par = parallel.DataParallel(devices)
+  return input_pipeline.Pipeline(
+      synthetic_split(n_train, 0), synthetic_split(n_eval, 1), par=par, seed=seed,
+      batch_size=batch, eval_batch_size=eval_batch, on_device=on_device)
+
+
+def _per_device_labels(batches: input_pipeline.Batches, split: dict):
+  """[steps, devices, per_device] labels as each device sees them."""
+  if "idx" in batches.inputs:
+    arr = batches.inputs["idx"]
+    shards = sorted(arr.addressable_shards, key=lambda s: s.index[1].start or 0)
+    return np.stack([split["label"][np.asarray(s.data)] for s in shards], 1)
+  arr = batches.inputs["label"]
+  shards = sorted(arr.addressable_shards, key=lambda s: s.index[1].start or 0)
+  return np.stack([np.asarray(s.data) for s in shards], 1)
+
+
+def test_four_devices_each_get_a_quarter_of_the_global_batch():
+  pipe = _pipe()
+  assert len(jax.devices()) == 4
+  b = pipe.train_batches(0, 3, 5)
+  labels = _per_device_labels(b, pipe.train)
+  assert labels.shape == (5, 4, 16)
+  perm = pipe.permutation(0)
+  expected = pipe.train["label"][perm[:192]].reshape(3, 64)
+  np.testing.assert_array_equal(labels[:3].reshape(3, 64), expected)
+
+
+def test_order_is_a_pure_function_of_seed_epoch_step():
+  a, b = _pipe(), _pipe()
+  np.testing.assert_array_equal(a.train_indices(40, 10, 10), b.train_indices(40, 10, 10))
+  # Resuming mid-chunk sees the same rows as the uninterrupted sequence.
+  full = a.train_indices(10, 10, 10)
+  np.testing.assert_array_equal(full[3:], b.train_indices(13, 7, 7))
+  # Each epoch is a permutation: no example repeats within an epoch.
+  spe = a.steps_per_epoch
+  epoch = a.train_indices(0, spe, spe).ravel()
+  assert len(np.unique(epoch)) == len(epoch)
+  assert not np.array_equal(a.permutation(0), a.permutation(1))
+  assert not np.array_equal(a.permutation(0), _pipe(seed=1).permutation(0))
+
+
+def test_batches_do_not_depend_on_device_count_or_layout():
+  one = _pipe(devices=jax.devices()[:1])
+  four = _pipe()
+  host = _pipe(on_device="false")
+  assert four.on_device and not host.on_device
+  ref = _per_device_labels(one.train_batches(7, 4, 4), one.train).reshape(4, 64)
+  for p in (four, host):
+    got = _per_device_labels(p.train_batches(7, 4, 4), p.train).reshape(4, 64)
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("n_eval,eval_batch,devices", [(10_000, 256, 4), (10_000, 1000, 3),
+                                                       (9_999, 256, 4), (7, 256, 2)])
+def test_eval_counts_every_example_exactly_once(n_eval, eval_batch, devices):
+  pipe = _pipe(devices=jax.devices()[:devices], n_eval=n_eval, eval_batch=eval_batch)
+  idx, mask = pipe.eval_indices()
+  assert pipe.eval_batch_size % devices == 0
+  assert mask.sum() == n_eval
+  counts = np.bincount(idx[mask > 0], minlength=n_eval)
+  assert (counts == 1).all()
+
+
+def test_batch_larger_than_dataset_is_refused():
+  with pytest.raises(UserError, match="larger than the 1000 training examples"):
+    _pipe(batch=2048)

@@ -1,0 +1,47 @@
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import load_config
+
+from flaxtrain import models
+from flaxtrain.errors import UserError
+
+# Pinned so that a change to a model's definition cannot go unnoticed.
+PARAM_COUNTS = {"fashion_cnn": 824_458, "fashion_mlp": 101_770}
+
+
+def _count(tree):
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("name,count", sorted(PARAM_COUNTS.items()))
+def test_parameter_counts_and_output_shape(name, count):
+  cfg = load_config(name)
+  model = models.get(cfg.model, num_classes=10)
+  x = jnp.zeros((3, 28, 28, 1))
+  variables = model.init(jax.random.key(0), x, train=False)
+  assert _count(variables["params"]) == count
+  assert model.apply(variables, x, train=False).shape == (3, 10)
+
+
+def test_cnn_on_other_image_shapes_and_classes():
+  cfg = load_config("cifar10_cnn")
+  model = models.get(cfg.model, num_classes=7)
+  x = jnp.zeros((2, 32, 32, 3))
+  out = model.apply(model.init(jax.random.key(0), x), x)
+  assert out.shape == (2, 7)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = models.get(load_config("fashion_cnn").model, 10, dtype=jnp.bfloat16)
+  x = jnp.zeros((2, 28, 28, 1))
+  variables = model.init(jax.random.key(0), x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+  assert model.apply(variables, x).dtype == jnp.bfloat16
+
+
+def test_unknown_model_lists_valid_names():
+  cfg = load_config("fashion_cnn").model
+  cfg.name = "cnnn"
+  with pytest.raises(UserError, match=r"Unknown model 'cnnn' \(did you mean 'cnn'\?\).*cnn, mlp"):
+    models.get(cfg, 10)

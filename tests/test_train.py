@@ -1,0 +1,124 @@
+"""End to end on 4 fake CPU devices with a small learnable dataset."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from flaxtrain import checkpointing, parallel, preemption, train
+
+
+def _events(workdir):
+  """{tag: [(step, value)]} of the scalars in the run's TensorBoard event files."""
+  import tensorflow as tf
+  from tensorboard.backend.event_processing import event_accumulator
+  files = [f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]
+  assert files, f"no TensorBoard event files in {workdir}"
+  acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
+  acc.Reload()
+  out = {}
+  for tag in acc.Tags()["tensors"]:
+    values = [(e.step, tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
+    if values and all(v.size == 1 and v.dtype.kind == "f" for _, v in values):
+      out[tag] = [(step, float(v)) for step, v in values]
+  return out
+
+
+def test_trains_on_four_devices_and_writes_everything(synthetic_data, tmp_path):
+  c = tiny_config()
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  assert summary["devices"] == 4
+  assert summary["step"] == 64  # 2 epochs of 2048 // 64.
+  assert summary["eval_examples"] == 500  # Exact: 500 is not a multiple of 128.
+  assert summary["eval_accuracy"] > 0.5  # Chance is 0.1.
+  assert summary["train_examples_per_sec"] > 0
+  on_disk = json.loads((tmp_path / "summary.json").read_text())
+  for key in ("step", "eval_loss", "eval_accuracy", "train_examples_per_sec", "wall_s"):
+    assert key in on_disk
+  assert json.loads((tmp_path / "config.json").read_text())["batch_size"] == 64
+  scalars = _events(tmp_path)
+  losses = [v for _, v in scalars["train_loss"]]
+  assert losses[-1] < 0.5 * losses[0], losses
+  assert [s for s, _ in scalars["eval_accuracy"]] == [32, 64]
+  assert {"train_accuracy", "train_learning_rate", "eval_loss"} <= set(scalars)
+  assert checkpointing.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 64
+
+
+def test_resume_continues_from_the_saved_step_and_matches(synthetic_data, tmp_path,
+                                                         monkeypatch):
+  full = train.train_and_evaluate(tiny_config(), str(tmp_path / "full"))
+  # Stop as a preemption would, after step 24 (mid-epoch), then rerun the same config.
+  original = preemption.Stopper.should_stop
+  monkeypatch.setattr(preemption.Stopper, "should_stop", lambda self, step: step >= 24)
+  stopped = train.train_and_evaluate(tiny_config(), str(tmp_path / "resumed"))
+  assert stopped == {"step": 24, "stopped": True}
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "resumed" / "checkpoints"))
+  assert ckpt.latest_step() == 24
+  monkeypatch.setattr(preemption.Stopper, "should_stop", original)
+  resumed = train.train_and_evaluate(tiny_config(), str(tmp_path / "resumed"))
+  assert resumed["step"] == 64
+  # Same batches and updates as the uninterrupted run: bitwise on CPU.
+  assert resumed["eval_loss"] == full["eval_loss"]
+  assert resumed["eval_accuracy"] == full["eval_accuracy"]
+
+
+def test_rerunning_a_finished_run_trains_nothing(synthetic_data, tmp_path):
+  c = tiny_config(num_train_steps=16)
+  first = train.train_and_evaluate(c, str(tmp_path))
+  mtime = (tmp_path / "summary.json").stat().st_mtime_ns
+  again = train.train_and_evaluate(c, str(tmp_path))
+  assert again["step"] == 16 and again["eval_loss"] == first["eval_loss"]
+  assert (tmp_path / "summary.json").stat().st_mtime_ns == mtime
+
+
+def test_one_device_and_four_devices_agree(synthetic_data, tmp_path):
+  # SGD: adam's normalisation amplifies last-bit differences while the loss drops fast.
+  c = tiny_config(num_train_steps=20, **{"optimizer.name": "sgd"})
+  one = train.train_and_evaluate(c, str(tmp_path / "one"),
+                                 par=parallel.DataParallel(jax.devices()[:1]))
+  four = train.train_and_evaluate(c, str(tmp_path / "four"))
+  assert one["devices"] == 1 and four["devices"] == 4
+  assert abs(one["eval_loss"] - four["eval_loss"]) < 1e-4
+
+
+def test_host_gathered_batches_give_the_same_run(synthetic_data, tmp_path):
+  a = train.train_and_evaluate(tiny_config(num_train_steps=12), str(tmp_path / "dev"))
+  b = train.train_and_evaluate(tiny_config(num_train_steps=12, **{"dataset.on_device": "false"}),
+                               str(tmp_path / "host"))
+  assert a["eval_loss"] == b["eval_loss"]
+
+
+def test_steps_per_dispatch_does_not_change_results(synthetic_data, tmp_path):
+  a = train.train_and_evaluate(tiny_config(num_train_steps=12, steps_per_dispatch=1),
+                               str(tmp_path / "k1"))
+  b = train.train_and_evaluate(tiny_config(num_train_steps=12, steps_per_dispatch=5),
+                               str(tmp_path / "k5"))
+  assert a["eval_loss"] == b["eval_loss"]
+
+
+def test_nan_stops_training_without_saving_it(synthetic_data, tmp_path, monkeypatch):
+  c = tiny_config(checkpoint_every_steps=8)
+  monkeypatch.setenv(train.NAN_STEP_ENV, "13")
+  with pytest.raises(train.TrainingError, match="non-finite at step 13.*step 8"):
+    train.train_and_evaluate(c, str(tmp_path))
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
+  assert ckpt.latest_step() == 8
+  assert not (tmp_path / "summary.json").exists()
+
+
+def test_nan_skip_mode_counts_and_continues(synthetic_data, tmp_path, monkeypatch):
+  monkeypatch.setenv(train.NAN_STEP_ENV, "5")
+  summary = train.train_and_evaluate(tiny_config(num_train_steps=16, nonfinite="skip"),
+                                     str(tmp_path))
+  assert summary["step"] == 16 and np.isfinite(summary["eval_loss"])
+  skipped = sum(v for _, v in _events(tmp_path)["train_nonfinite_steps"])
+  assert skipped == 1
+
+
+def test_batch_not_divisible_by_devices_fails_before_writing(synthetic_data, tmp_path):
+  with pytest.raises(train.UserError, match="does not divide by the 4 devices"):
+    train.train_and_evaluate(tiny_config(batch_size=66), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
