@@ -4,13 +4,15 @@
 
 Model: Conv32 3x3 -> relu -> avgpool -> Conv64 3x3 -> relu -> avgpool -> Dense256 -> relu
 -> Dense10 (824,458 parameters). The tutorial's recipe (SGD 0.1, momentum 0.9, batch 32,
-constant lr) reaches 89.6%; this one changes only the recipe.
-Measured: see RESULT below.
+constant lr) reaches 89.6%; this one changes only the recipe: AdamW (peak 2e-3, weight
+decay 1e-4 on kernels), half an epoch of warmup then cosine decay to 0, batch 128.
+
+Measured (2026-11-22, 2-core x86 CPU, 2 JAX CPU devices, jax 0.10.2, `make train`):
+test accuracy 92.83%, eval loss 0.2058 after 10 epochs (4,680 steps);
+4,022 train examples/s steady state; 168 s wall.
 """
 
 from flaxtrain import config_lib
-
-RESULT = "not measured yet"
 
 
 def get_config():

@@ -91,10 +91,11 @@ def prepare(name: str, *, data_dir: str | None = None,
   _hide_accelerators_from_tf()
   builder = _builder(name, data_dir)
   _check_features(builder)  # Before any download: it would be wasted.
+  if manual_dir is not None:  # A dir the user named must be right, even if unused now.
+    _check_manual_dir(builder, manual_dir)
   if builder.data_path.exists() and builder.is_prepared():  # exists(): spares a TFDS warning.
     logging.info("Dataset %s: using the prepared copy in %s.", name, builder.data_dir)
   elif manual_dir is not None:
-    _check_manual_dir(builder, manual_dir)
     logging.info("Dataset %s: preparing from manual_dir %s.", name, manual_dir)
     _prepare_from_dir(builder, manual_dir)
   elif system_dir := _system_copy(builder):

@@ -1,5 +1,6 @@
 """Multi-process start-up: `jax.distributed.initialize`, explicit or auto-detected."""
 
+import glob
 import os
 
 import jax
@@ -45,4 +46,7 @@ def initialize(coordinator_address, num_processes, process_id, timeout_s: int):
 def _auto_detectable() -> bool:
   if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
     return False  # A single SLURM task is just one process.
-  return any(os.environ.get(k) for k in _CLUSTER_ENV)
+  if any(os.environ.get(k) for k in _CLUSTER_ENV):
+    return True
+  # Cloud TPU VMs set no variable; JAX finds the slice through the metadata server.
+  return bool(glob.glob("/dev/accel*")) or bool(glob.glob("/dev/vfio/[0-9]*"))

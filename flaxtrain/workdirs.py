@@ -1,25 +1,58 @@
-"""The run's directory: created only after the config is valid; config and summary files."""
+"""The run's directory (local or gs://): created only after the config is valid.
+
+Also checks, before a multi-process run trains, that every process sees the same
+storage: otherwise checkpoints would be written in pieces and a pod would hang at the
+first save (as the Flax ImageNet example does, flax issue 3364).
+"""
 
 import json
-import os
-import tempfile
+import secrets
 
+import numpy as np
 from absl import logging
+from etils import epath
 
 from flaxtrain.errors import UserError
 
 
 def prepare(workdir: str, par):
-  """Creates `workdir` and checks it is a writable directory."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  """Creates `workdir`, checks it is writable and, multi-process, shared by all."""
+  path = epath.Path(workdir)
+  if path.exists() and not path.is_dir():
     raise UserError(f"--workdir {workdir} is a file, not a directory: pass another --workdir.")
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
-      pass
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write_test_{par.process_index}_{secrets.token_hex(4)}"
+    probe.write_text("ok")
+    probe.unlink()
   except OSError as e:
-    raise UserError(f"Cannot write to --workdir {workdir} ({e.strerror}): pass a writable "
-                    "directory.") from e
+    raise UserError(f"Cannot write to --workdir {workdir} ({e.strerror or e}): pass a "
+                    "writable directory.") from e
+  if par.num_processes > 1:
+    _check_shared(path, par)
+
+
+def _check_shared(path: epath.Path, par):
+  from jax.experimental import multihost_utils
+
+  # A nonce from process 0 so that markers of an earlier run cannot pass the check.
+  nonce = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
+  markers = path / ".process_markers" / str(nonce)
+  markers.mkdir(parents=True, exist_ok=True)
+  (markers / str(par.process_index)).write_text("ok")
+  multihost_utils.sync_global_devices("flaxtrain_markers_written")
+  seen = sum((markers / str(i)).exists() for i in range(par.num_processes))
+  counts = multihost_utils.process_allgather(np.int32(seen))
+  multihost_utils.sync_global_devices("flaxtrain_markers_read")
+  if par.process_index == 0:
+    for i in range(par.num_processes):
+      (markers / str(i)).unlink(missing_ok=True)
+    markers.rmdir()
+  if (np.asarray(counts) != par.num_processes).any():
+    raise UserError(
+        f"--workdir {path} is not one storage shared by all {par.num_processes} processes "
+        f"(processes saw {np.asarray(counts).tolist()} of each other's marker files): use a "
+        "shared filesystem or a gs:// path.")
 
 
 def flat_config(config) -> dict:
@@ -36,27 +69,24 @@ def flat_config(config) -> dict:
   return out
 
 
-def _atomic_write(path: str, text: str):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+def _atomic_write(path: epath.Path, text: str):
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.rename(path)
 
 
 def write_config(workdir: str, config, par):
   if par.process_index == 0:
-    _atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    _atomic_write(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=2))
 
 
 def write_summary(workdir: str, summary: dict, par):
   if par.process_index == 0:
-    _atomic_write(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
-    logging.info("Wrote %s", os.path.join(workdir, "summary.json"))
+    path = epath.Path(workdir) / "summary.json"
+    _atomic_write(path, json.dumps(summary, indent=2))
+    logging.info("Wrote %s", path)
 
 
 def read_summary(workdir: str) -> dict | None:
-  path = os.path.join(workdir, "summary.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  path = epath.Path(workdir) / "summary.json"
+  return json.loads(path.read_text()) if path.exists() else None

@@ -38,7 +38,8 @@ BAD_INPUT = [
 @pytest.mark.parametrize("args,needle", BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
 def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, args, needle):
   workdir = tmp_path / "run"
-  r = flaxtrain(*args, f"--workdir={workdir}")
+  # num_train_steps keeps a missed case short: it would train two steps and fail below.
+  r = flaxtrain(*args, "--config.num_train_steps=2", f"--workdir={workdir}")
   assert r.returncode != 0
   errors = [line for line in r.stderr.splitlines() if line.startswith("flaxtrain: error:")]
   assert len(errors) == 1, r.stderr[-3000:]
