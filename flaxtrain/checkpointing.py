@@ -1,75 +1,518 @@
-"""Orbax checkpoints of the replicated train state: save, keep, restore, check structure."""
+"""Orbax checkpoints of the replicated train state: save, keep, restore, check structure.
 
+Faults, and what this module does about them:
+
+* A checkpoint that cannot be read (truncated, deleted or bit-flipped files; a partial
+  copy): restoring warns, names the step and the reason, moves it aside
+  (`<step>.unreadable-<time>`) and restores the previous one. Every save records a
+  checksum per array in Orbax's `_CHECKPOINT_METADATA`, so flipped bits, which Orbax
+  itself reads back silently, are caught too.
+* Leftover Orbax temporary directories (a kill in the middle of a save) are never
+  counted as checkpoints and are removed when the next run starts.
+* A checkpoint of another model or optimizer is a user error, never a fallback.
+* A failed save (disk full, quota, storage errors), also one that fails in Orbax's
+  background thread, becomes a one-sentence `UserError` at the next `save`, `wait` or
+  `close`; older checkpoints are only deleted after a newer one is complete, so the
+  last complete one is kept.
+"""
+
+import errno
+import json
+import logging as logging_std
 import os
+import re
+import time
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 from flaxtrain.errors import UserError
 
 BEST_METRIC = "eval_accuracy"
+# Orbax's per-step metadata file and its name for a single saved item.
+STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
+ITEM_NAME = "default"
+TMP_MARKER = ".orbax-checkpoint-tmp"
+UNREADABLE_MARKER = ".unreadable-"
+_CHECKSUMS_KEY = "flaxtrain_checksums"
+
+_SPACE_ERRNOS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}
+# Status codes of tensorstore/absl errors: storage trouble rather than a bug.
+_STORAGE_STATUS = re.compile(r"^(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE|DATA_LOSS|"
+                             r"DEADLINE_EXCEEDED|ABORTED|NOT_FOUND):")
+
+
+class _Unreadable(Exception):
+  """A checkpoint step that cannot be read back; the message says why."""
 
 
 class Checkpointer:
   """Keeps the newest `keep` checkpoints plus the best by eval accuracy; async saves."""
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory) if "://" not in directory else directory
+    self.directory = _abspath(directory)
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep),
         checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
                                   keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, enable_async_checkpointing=async_save, create=True)
+        preservation_policy=policy, enable_async_checkpointing=async_save, create=True,
+        # Temporary directories of saves that never finished (a kill mid-save) are not
+        # checkpoints: Orbax never lists them, and this removes them.
+        cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._pending_step = None  # The step whose async save may still fail.
+    self._failure = None  # The UserError of a failed save, raised again on every wait.
+
+  # ---------------------------------------------------------------- listing
 
   def latest_step(self) -> int | None:
+    """The newest complete checkpoint (it may still turn out unreadable on restore)."""
     return self.manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  # ----------------------------------------------------------------- saving
+
   def save(self, step: int, state, metrics: dict | None = None, force: bool = False) -> bool:
+    """Starts an async save of `state` at `step`; raises a UserError if a save failed.
+
+    A failure of the previous async save surfaces here (or at `wait`/`close`).
+    """
+    self.wait()
     if metrics is not None:
       metrics = {k: float(v) for k, v in metrics.items()}
     tree = flax.serialization.to_state_dict(state)
-    return self.manager.save(step, args=ocp.args.StandardSave(tree), metrics=metrics,
-                             force=force)
-
-  def restore(self, step: int, target):
-    """Restores `step` into the structure, shapes and shardings of `target`."""
-    tree = flax.serialization.to_state_dict(target)
-    check_structure(self.manager.item_metadata(step), tree, where=self.directory)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-    restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    return flax.serialization.from_state_dict(target, restored)
+    try:
+      custom = {_CHECKSUMS_KEY: checksums(tree)}
+      saved = self.manager.save(step, args=ocp.args.StandardSave(tree), metrics=metrics,
+                                force=force, custom_metadata=custom)
+    except Exception as e:  # noqa: BLE001 - converted when it is a storage problem.
+      self._raise_save_error(step, e)
+    if saved:
+      self._pending_step = step
+    return saved
 
   def wait(self):
-    self.manager.wait_until_finished()
+    """Waits for the async save; raises a UserError if it (or an earlier one) failed."""
+    if self._failure is not None:
+      raise self._failure
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      self._raise_save_error(self._pending_step, e)
+    self._pending_step = None
 
   def close(self):
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+  def _raise_save_error(self, step, exc: Exception):
+    reason = storage_error(exc)
+    if reason is None:
+      raise exc
+    self._remove_temporary_dirs()
+    try:
+      self.manager.reload()  # What is complete on disk, not what was planned.
+      last = self.manager.latest_step()
+    except Exception:  # noqa: BLE001 - the message below still holds without it.
+      last = None
+    kept = (f"the last complete checkpoint (step {last}) is kept" if last is not None
+            else "no complete checkpoint was written before it")
+    at = f" at step {step}" if step is not None else ""
+    if reason in _SPACE_ERRNOS.values():
+      advice = "free space or use another --workdir"
+    else:
+      advice = "check the storage or use another --workdir"
+    self._failure = UserError(
+        f"{reason} while saving the checkpoint{at} in {self.directory}; {kept}: {advice}.")
+    self._pending_step = None
+    raise self._failure from exc
+
+  def _remove_temporary_dirs(self):
+    """Frees the space of unfinished saves (Orbax would remove them at the next start)."""
+    if jax.process_index() != 0:
+      return
+    try:
+      for p in epath.Path(self.directory).iterdir():
+        if TMP_MARKER in p.name:
+          p.rmtree(missing_ok=True)
+    except Exception as e:  # noqa: BLE001 - best effort only.
+      logging.warning("Could not remove unfinished checkpoint files in %s: %s",
+                      self.directory, e)
+
+  # -------------------------------------------------------------- restoring
+
+  def restore_latest(self, target):
+    """Restores the newest readable checkpoint into `target`'s structure and shardings.
+
+    Returns `(state, step)`, or `(None, None)` when there is no checkpoint. A checkpoint
+    that cannot be read is reported with a warning and moved aside, and the previous one
+    is tried; a checkpoint of another structure raises a UserError (no fall-back), and
+    so does a directory none of whose checkpoints can be read.
+    """
+    steps = self.all_steps()
+    if not steps:
+      return None, None
+    return self._restore_newest(steps, target)
+
+  def restore(self, step: int, target):
+    """Restores `step` into the structure, shapes and shardings of `target`.
+
+    If `step` cannot be read, falls back like `restore_latest` to the newest older one
+    that can: the returned state's own `step` says which was restored.
+    """
+    steps = [s for s in self.all_steps() if s <= step]
+    if step not in steps:
+      raise UserError(f"There is no checkpoint at step {step} in {self.directory}.")
+    return self._restore_newest(steps, target)[0]
+
+  def _restore_newest(self, steps: list[int], target):
+    tree = flax.serialization.to_state_dict(target)
+    failed = []
+    for step in sorted(steps, reverse=True):
+      try:
+        restored = _read_step(self.manager, self.directory, step, tree, where=self.directory)
+        error = None
+      except _Unreadable as e:
+        restored, error = None, str(e)
+      if not _all_processes_agree(error is None):
+        error = error or "another process could not read it"
+        restored = None
+      if error is not None:
+        logging.warning("The checkpoint at step %d in %s cannot be read (%s); trying the "
+                        "previous one.", step, self.directory, error)
+        failed.append((step, error))
+        continue
+      if failed:
+        moved = self._move_aside([s for s, _ in failed])
+        logging.warning("Restored the checkpoint at step %d instead of step %d; the "
+                        "unreadable checkpoint(s) were moved to %s.", step, failed[0][0],
+                        ", ".join(moved))
+      return flax.serialization.from_state_dict(target, restored), step
+    listed = ", ".join(str(s) for s, _ in failed)
+    raise UserError(
+        f"None of the checkpoints in {self.directory} can be read (steps {listed}; step "
+        f"{failed[0][0]}: {failed[0][1]}): use a new --workdir, or move that directory away "
+        "to start this run again.")
+
+  def _move_aside(self, steps: list[int]) -> list[str]:
+    """Renames unreadable steps so that Orbax no longer lists them or saves over them."""
+    names = []
+    stamp = int(time.time())
+    for step in steps:
+      src = epath.Path(self.directory) / str(step)
+      dst = src.parent / f"{step}{UNREADABLE_MARKER}{stamp}"
+      names.append(str(dst))
+      if jax.process_index() != 0:
+        continue
+      try:
+        src.rename(dst)
+      except Exception as e:  # noqa: BLE001 - e.g. object stores without directory rename.
+        logging.warning("Could not rename %s (%s); deleting it instead.", src, e)
+        src.rmtree(missing_ok=True)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("flaxtrain_unreadable_moved")
+    self.manager.reload()
+    return names
+
+
+# ------------------------------------------------------------------ init_from
+
+
+def load_params(path: str, target_params):
+  """Reads only the `params` of another run's checkpoint, for `--config.init_from`.
+
+  `path` is a flaxtrain workdir (its newest readable checkpoint is used, falling back like
+  `Checkpointer.restore_latest`), its `checkpoints` directory, or one step directory
+  `.../checkpoints/<step>` (used as is, no fall-back). Nothing under `path` is written.
+  The params are checked against `target_params` (a UserError names the first entry that
+  differs) and returned with `target_params`' shardings.
+  """
+  root = epath.Path(_abspath(path))
+  if not root.exists():
+    raise UserError(f"init_from {path} does not exist: pass a flaxtrain workdir or one of "
+                    "its checkpoints/<step> directories.")
+  if (root / STEP_METADATA_FILE).exists() or (root / ITEM_NAME).exists():
+    directory, only_step = root.parent, _step_of(root, path)
+  else:
+    directory = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    only_step = None
+  manager = _read_only_manager(str(directory))
+  steps = sorted(manager.all_steps(), reverse=True)
+  if only_step is not None:
+    steps = [only_step]
+  if not steps:
+    raise UserError(f"init_from {path} holds no complete checkpoint: pass a flaxtrain "
+                    "workdir or one of its checkpoints/<step> directories.")
+  tree = {"params": flax.serialization.to_state_dict(target_params)}
+  failed = []
+  for step in steps:
+    try:
+      restored = _read_step(manager, str(directory), step, tree, where=path, partial=True,
+                            advice="pass a checkpoint of the same model in init_from")
+    except _Unreadable as e:
+      if only_step is not None:
+        raise UserError(f"The checkpoint {path} cannot be read ({e}): pass another "
+                        "checkpoint in init_from.") from e
+      logging.warning("The checkpoint at step %d in %s cannot be read (%s); trying the "
+                      "previous one.", step, directory, e)
+      failed.append(step)
+      continue
+    logging.info("Initialized the params from the checkpoint at step %d in %s.", step,
+                 directory)
+    return flax.serialization.from_state_dict(target_params, restored["params"])
+  raise UserError(f"None of the checkpoints in {directory} can be read (steps "
+                  f"{', '.join(map(str, failed))}): pass another init_from.")
+
+
+def _step_of(step_dir: epath.Path, path: str) -> int:
+  if not step_dir.name.isdigit():
+    raise UserError(f"init_from {path} is not a checkpoints/<step> directory: pass a "
+                    "flaxtrain workdir or one of its checkpoints/<step> directories.")
+  return int(step_dir.name)
+
+
+class _DropReadOnlyNotes(logging_std.Filter):
+  def filter(self, record):
+    return "read only" not in str(record.msg) and "read_only" not in str(record.msg)
+
+
+def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+  note_filter = _DropReadOnlyNotes()
+  absl_logger = logging_std.getLogger("absl")
+  absl_logger.addFilter(note_filter)
+  try:
+    return ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  finally:
+    absl_logger.removeFilter(note_filter)
+
+
+# ------------------------------------------------------------------- reading
+
+
+def _read_step(manager, directory: str, step: int, tree, *, where: str, partial=False,
+               advice=None):
+  """Reads `step` shaped like `tree`; _Unreadable if it cannot, UserError on mismatch."""
+  step_dir = epath.Path(directory) / str(step)
+  recorded = _recorded_checksums(step_dir)
+  try:
+    # Read from the files: a CheckpointManager that has not saved yet returns None here.
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      saved_d = _describe(handler.metadata(step_dir / ITEM_NAME))
+    finally:
+      handler.close()
+  except Exception as e:  # noqa: BLE001 - whatever Orbax raises on damaged metadata.
+    raise _Unreadable(f"its metadata: {_short(e)}") from e
+  if not saved_d:
+    raise _Unreadable(f"{step_dir / ITEM_NAME} holds no arrays")
+  target_d = _describe(tree)
+  if partial:
+    prefixes = tuple(k.split("/")[0] for k in target_d)
+    saved_d = {k: v for k, v in saved_d.items() if k.split("/")[0] in prefixes}
+  _check_described(saved_d, target_d, where=where, advice=advice)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  try:
+    if partial:
+      restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+          item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+          partial_restore=True))
+    else:
+      restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  except Exception as e:  # noqa: BLE001 - any tensorstore/Orbax read error.
+    raise _Unreadable(_short(e)) from e
+  if recorded is not None:
+    actual = checksums(restored)
+    bad = [k for k, v in actual.items() if k in recorded and recorded[k] != v]
+    if bad:
+      raise _Unreadable(f"entry {bad[0]} does not match its checksum"
+                        + (f" (nor do {len(bad) - 1} more)" if len(bad) > 1 else ""))
+  return restored
+
+
+def _recorded_checksums(step_dir: epath.Path) -> dict | None:
+  """The checksums saved with the step; _Unreadable if its metadata file is damaged."""
+  meta_path = step_dir / STEP_METADATA_FILE
+  try:
+    meta = json.loads(meta_path.read_text())
+  except FileNotFoundError as e:
+    raise _Unreadable(f"{meta_path} is missing") from e
+  except Exception as e:  # noqa: BLE001 - truncated or garbled JSON, unreadable file.
+    raise _Unreadable(f"{meta_path} is damaged: {_short(e)}") from e
+  if not isinstance(meta, dict):
+    raise _Unreadable(f"{meta_path} is damaged")
+  custom = meta.get("custom_metadata") or {}
+  return custom.get(_CHECKSUMS_KEY)  # None for checkpoints written without them.
+
+
+# ------------------------------------------------------------------ checksums
+
+
+def _leaf_bits(x):
+  """The bits of `x` as a flat uint32 vector (each element widened, not packed)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  size = x.dtype.itemsize
+  if size == 8:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).ravel()
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).ravel()
+
+
+@jax.jit
+def _checksum_leaves(leaves):
+  # A position-weighted sum modulo 2**32 with odd weights: any single flipped bit changes
+  # it, and it is exact (integer), so it is the same for any device count or layout.
+  out = []
+  for x in leaves:
+    bits = _leaf_bits(x)
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+    out.append(jnp.sum(bits * weights, dtype=jnp.uint32))
+  return jnp.stack(out) if out else jnp.zeros((0,), jnp.uint32)
+
+
+def checksums(tree) -> dict[str, int]:
+  """{entry: checksum} of every array in `tree` (computed on its devices)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  keys, leaves = [], []
+  for path, leaf in flat:
+    if hasattr(leaf, "dtype") and hasattr(leaf, "shape") and (
+        leaf.dtype.kind in "biuf" or leaf.dtype == jnp.bfloat16
+        or jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)):
+      keys.append(_path_str(path))
+      leaves.append(leaf)
+  if not leaves:
+    return {}
+  values = np.asarray(jax.device_get(_checksum_leaves(leaves)))
+  return {k: int(v) for k, v in zip(keys, values, strict=True)}
+
+
+# ------------------------------------------------------------ structure check
+
+
+def _path_str(path) -> str:
+  parts = []
+  for p in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(p, attr):
+        parts.append(str(getattr(p, attr)))
+        break
+    else:
+      parts.append(str(p))
+  return "/".join(parts)
 
 
 def _describe(tree) -> dict[str, tuple]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", np.shape(leaf)))
-          for path, leaf in flat}
+  out = {}
+  for path, leaf in flat:
+    shape = getattr(leaf, "shape", None)
+    out[_path_str(path)] = tuple(np.shape(leaf) if shape is None else shape)
+  return out
 
 
-def check_structure(saved, target, *, where: str):
-  """Raises a UserError naming the first entry where `saved` and `target` differ."""
+# Where a difference is reported first, and what it most likely means.
+_GROUPS = (("params", "the model"), ("model_state", "the model"),
+           ("opt_state", "the optimizer"), ("step", "the train state"))
+
+
+def _group(key: str) -> int:
+  top = key.split("/")[0]
+  return next((i for i, (g, _) in enumerate(_GROUPS) if g == top), len(_GROUPS))
+
+
+def check_structure(saved, target, *, where: str, advice: str | None = None):
+  """Raises a UserError naming the first entry where `saved` and `target` differ.
+
+  Params are compared before the optimizer state, so that another model is reported
+  as such; an optimizer whose state has other entries or shapes is caught too.
+  """
   if saved is None:
     return
-  saved_d, target_d = _describe(saved), _describe(target)
-  for key in sorted(set(saved_d) | set(target_d)):
-    a, b = saved_d.get(key), target_d.get(key)
-    if a != b:
-      logging.info("Checkpoint entries: %s", sorted(saved_d))
-      raise UserError(
-          f"The checkpoint in {where} does not match what this config builds: entry {key} is "
-          f"{'missing' if a is None else a} in the checkpoint but "
-          f"{'missing' if b is None else b} in the config; use a new --workdir or the "
-          "config that wrote it.")
+  saved = saved.tree if hasattr(saved, "tree") else saved
+  _check_described(_describe(saved), _describe(target), where=where, advice=advice)
+
+
+def _check_described(saved_d: dict, target_d: dict, *, where: str, advice: str | None):
+  keys = sorted(set(saved_d) | set(target_d), key=lambda k: (_group(k), k))
+  differ = [k for k in keys if saved_d.get(k) != target_d.get(k)]
+  if not differ:
+    return
+  logging.info("Checkpoint entries: %s", sorted(saved_d))
+  key = differ[0]
+  group = _GROUPS[_group(key)][1] if _group(key) < len(_GROUPS) else "the train state"
+
+  def shape(d, k):
+    return "missing" if d.get(k) is None else str(d[k])
+
+  more = ""
+  if len(differ) > 1:
+    nxt = differ[1]
+    more = (f" ({len(differ) - 1} more differ, e.g. {nxt}: {shape(saved_d, nxt)} vs "
+            f"{shape(target_d, nxt)})")
+  advice = advice or "use a new --workdir or the config that wrote it"
+  raise UserError(
+      f"The checkpoint in {where} does not match what this config builds ({group} differs): "
+      f"entry {key} is {shape(saved_d, key)} in the checkpoint but {shape(target_d, key)} "
+      f"in the config{more}; {advice}.")
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def storage_error(exc: BaseException) -> str | None:
+  """A short reason if `exc` (or what caused it) is a storage failure, else None."""
+  seen, todo, generic = set(), [exc], None
+  while todo:
+    e = todo.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _SPACE_ERRNOS:
+      return _SPACE_ERRNOS[e.errno]
+    text = str(e)
+    for code, reason in _SPACE_ERRNOS.items():
+      if reason in text or f"os_error_code='{code}'" in text:
+        return reason
+    if generic is None and (isinstance(e, (OSError, TimeoutError))
+                            or _STORAGE_STATUS.match(text)):
+      generic = (f"{os.strerror(e.errno)}" if isinstance(e, OSError) and e.errno
+                 else f"Storage error ({_short(e)})")
+    todo.extend([e.__cause__, e.__context__, *getattr(e, "exceptions", ())])
+  return generic
+
+
+def _short(e: BaseException, limit: int = 240) -> str:
+  text = " ".join(str(e).split())
+  text = text.split(" [tensorstore_spec=")[0].split(" See full TensorStore details")[0]
+  if len(text) > limit:
+    text = text[:limit - 3] + "..."
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _abspath(directory: str) -> str:
+  return os.path.abspath(directory) if "://" not in directory else directory
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """True only if `ok` on every process: all then restore the same step."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  flags = multihost_utils.process_allgather(np.array(ok, np.int32))
+  return bool(np.all(flags))

@@ -2,6 +2,8 @@
 
 import glob
 import os
+import sys
+import threading
 
 import jax
 from absl import logging
@@ -33,14 +35,27 @@ def initialize(coordinator_address, num_processes, process_id, timeout_s: int):
     return
   logging.info("Joining %s process(es) via %s (timeout %d s).", num_processes or "auto",
                coordinator_address or "cluster auto-detection", timeout_s)
+  message = (
+      f"Process {process_id if process_id is not None and process_id >= 0 else '?'} could not "
+      f"join the run at coordinator {coordinator_address or '(auto-detected)'} within "
+      f"{timeout_s} s: check that all {num_processes or ''} processes were started with the "
+      "same --coordinator_address and that it is reachable.")
+  # On a timeout JAX aborts the whole process from C++, which Python cannot catch: a
+  # watchdog says why first, and exits before the abort.
+  done = threading.Event()
+
+  def watchdog():
+    if not done.wait(timeout_s):
+      print(f"flaxtrain: error: {message}", file=sys.stderr, flush=True)
+      os._exit(1)
+
+  threading.Thread(target=watchdog, daemon=True).start()
   try:
     jax.distributed.initialize(initialization_timeout=timeout_s, **kwargs)
   except Exception as e:  # JAX raises RuntimeError/XlaRuntimeError with long texts.
-    raise UserError(
-        f"Process {process_id} could not join the run at coordinator "
-        f"{coordinator_address or '(auto-detected)'} within {timeout_s} s: check that all "
-        f"{num_processes or ''} processes were started with the same --coordinator_address "
-        "and that it is reachable.") from e
+    raise UserError(message) from e
+  finally:
+    done.set()
 
 
 def _auto_detectable() -> bool:

@@ -11,8 +11,9 @@ from jax.experimental import multihost_utils
 class Stopper:
   """Records SIGTERM/SIGINT; `should_stop` is agreed by all processes at the same step."""
 
-  def __init__(self, par):
+  def __init__(self, par, check_every: int = 1):
     self._par = par
+    self._check_every = check_every
     self._requested = threading.Event()
     self._installed = False
     if threading.current_thread() is threading.main_thread():
@@ -34,6 +35,8 @@ class Stopper:
     local = self._requested.is_set()
     if self._par.num_processes == 1:
       return local
+    if step % self._check_every:
+      return False  # Agreeing costs a collective: only at log steps.
     # Every process must stop after the same step, or their collectives would deadlock.
     flags = multihost_utils.process_allgather(np.array(local, np.int32))
     return bool(np.any(flags))

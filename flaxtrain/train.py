@@ -236,6 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   start_time = time.time()
   par = par or parallel.DataParallel()
   validate(config, par)
+  _prepare_data_once(config, par)
   spec, train_data, eval_data = datasets.load(
       config.dataset.name, data_dir=config.dataset.data_dir,
       manual_dir=config.dataset.manual_dir, train_split=config.dataset.train_split,
@@ -288,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   report = periodic_actions.ReportProgress(num_train_steps=plan.total_steps, writer=writer,
                                            every_steps=config.log_every_steps)
-  stopper = preemption.Stopper(par)
+  stopper = preemption.Stopper(par, check_every=plan.log_every)
   train_metrics = None
   timing = {"steady_s": 0.0, "steady_steps": 0, "first_step_s": None, "compile_s": None}
   eval_result = None
@@ -359,6 +360,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   }
   workdirs.write_summary(workdir, summary, par)
   return summary
+
+
+def _prepare_data_once(config, par):
+  """Multi-process: process 0 prepares the dataset alone, then everyone reads it."""
+  if par.num_processes == 1:
+    return
+  from jax.experimental import multihost_utils
+
+  error = None
+  if par.process_index == 0:
+    try:
+      datasets.prepare(config.dataset.name, data_dir=config.dataset.data_dir,
+                       manual_dir=config.dataset.manual_dir)
+    except UserError as e:
+      error = e
+  # Agreed by all, so that no process waits forever for one that failed.
+  failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+  if error is not None:
+    raise error
+  if int(failed):
+    raise UserError(f"Process 0 could not prepare dataset {config.dataset.name!r}; see its "
+                    "log for the reason.")
 
 
 def _fail_nonfinite(bad_step, values, ckpt, writer):

@@ -68,3 +68,19 @@ def tiny_config(**overrides):
       node = node[p]
     node[last] = v
   return c
+
+
+@pytest.fixture(scope="session")
+def real_data_dir(tmp_path_factory):
+  """A TFDS data dir with the real Fashion-MNIST prepared (offline, from Debian's copy)."""
+  from flaxtrain import datasets
+  if not os.path.isdir(datasets.SYSTEM_COPIES["fashion_mnist"]) and not os.environ.get(
+      "TFDS_DATA_DIR"):
+    pytest.skip("needs Debian's dataset-fashion-mnist (CI installs it) or a TFDS_DATA_DIR")
+  data_dir = os.environ.get("TFDS_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
+  datasets.prepare("fashion_mnist", data_dir=data_dir)
+  return data_dir
+
+
+TINY_FLAGS = ["--config.model.features=(8, 16)", "--config.model.dense=(32,)",
+              "--config.log_every_steps=10"]

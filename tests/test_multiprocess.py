@@ -1,0 +1,146 @@
+"""Real processes on 127.0.0.1 joined by jax.distributed, standing in for hosts."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import ROOT, TINY_FLAGS
+
+pytestmark = pytest.mark.slow
+
+_spec = importlib.util.spec_from_file_location("topology_check",
+                                               ROOT / "scripts" / "topology_check.py")
+topology = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(topology)
+
+STEPS = 30
+
+
+def _flags(data_dir, *extra):
+  return [*TINY_FLAGS, f"--config.dataset.data_dir={data_dir}", *extra]
+
+
+def _summary(workdir):
+  return json.loads((pathlib.Path(workdir) / "summary.json").read_text())
+
+
+def _start(workdir, port, data_dir, steps, *extra, processes=2, ids=None):
+  cmd = topology._cmd(workdir, steps, _flags(data_dir, "--config.checkpoint_every_steps=10",
+                                             *extra))
+  return [subprocess.Popen(
+      cmd + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
+             f"--process_id={i}"], env=topology._env(2), cwd=ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True, start_new_session=True)
+      for i in (ids if ids is not None else range(processes))]
+
+
+@pytest.fixture(scope="module")
+def two_by_two(real_data_dir, tmp_path_factory):
+  """The same tiny run as 2 processes x 2 devices and as 1 process x 4 devices."""
+  root = tmp_path_factory.mktemp("mp")
+  extra = _flags(real_data_dir)
+  topology.run_multi(root / "multi", 2, 2, STEPS, extra, timeout=600)
+  topology.run_single(root / "single", 4, STEPS, extra, timeout=600)
+  return root
+
+
+def test_two_processes_match_one_process(two_by_two):
+  multi, single = _summary(two_by_two / "multi"), _summary(two_by_two / "single")
+  assert multi["processes"] == 2 and multi["devices"] == 4 and single["processes"] == 1
+  assert multi["eval_examples"] == single["eval_examples"] == 10_000  # Exact across hosts.
+  assert abs(multi["eval_loss"] - single["eval_loss"]) <= 1e-4
+  a, b = topology.load_params(two_by_two / "multi"), topology.load_params(two_by_two / "single")
+  assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-4
+
+
+def test_killed_multiprocess_run_resumes_from_its_checkpoint(two_by_two, real_data_dir,
+                                                             tmp_path):
+  workdir = tmp_path / "killed"
+  procs = _start(workdir, topology._free_port(), real_data_dir, STEPS)
+  ckpt = workdir / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and not any(p.name.isdigit() for p in
+                                           (ckpt.iterdir() if ckpt.exists() else [])):
+    time.sleep(0.2)
+  for p in procs:
+    os.killpg(p.pid, signal.SIGKILL)
+  for p in procs:
+    p.wait()
+  assert not (workdir / "summary.json").exists(), "killed too late to test resuming"
+  procs = _start(workdir, topology._free_port(), real_data_dir, STEPS)
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][-3000:]
+  assert "Resumed from the checkpoint at step" in outs[0]
+  # Same batches and updates as the uninterrupted 2-process run.
+  assert _summary(workdir)["eval_loss"] == _summary(two_by_two / "multi")["eval_loss"]
+
+
+def test_missing_process_is_a_clear_error_within_the_timeout(real_data_dir, tmp_path):
+  port = topology._free_port()
+  start = time.time()
+  (proc,) = _start(tmp_path / "w", port, real_data_dir, STEPS,
+                   "--initialization_timeout=10", ids=[0])
+  out = proc.communicate(timeout=120)[0]
+  assert proc.returncode != 0
+  assert time.time() - start < 90
+  errors = [line for line in out.splitlines() if line.startswith("flaxtrain: error:")]
+  assert len(errors) == 1 and f"127.0.0.1:{port}" in errors[0], out[-3000:]
+  assert "within 10 s" in errors[0]
+
+
+def test_workdir_not_shared_between_processes_is_refused(real_data_dir, tmp_path):
+  port = topology._free_port()
+  procs = [subprocess.Popen(
+      topology._cmd(tmp_path / f"local_disk_{i}", STEPS, _flags(real_data_dir)) + [
+          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      env=topology._env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs, strict=True):
+    assert p.returncode != 0
+    assert "is not one storage shared by all 2 processes" in out, out[-3000:]
+  assert not any((tmp_path / f"local_disk_{i}" / "checkpoints").exists() for i in range(2))
+
+
+def test_scripts_parse_and_explain_themselves():
+  for script in ("local_multiprocess.sh", "tpu_vm.sh"):
+    path = ROOT / "scripts" / script
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    r = subprocess.run(["bash", str(path), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "Usage" in r.stdout + r.stderr
+  subprocess.run(["bash", "-n", str(ROOT / "scripts" / "slurm_gpu.sbatch")], check=True)
+
+
+def test_shellcheck_is_clean():
+  import shutil
+  if not shutil.which("shellcheck"):
+    pytest.skip("shellcheck not installed (CI installs it)")
+  scripts = [str(p) for p in (ROOT / "scripts").iterdir() if p.suffix in (".sh", ".sbatch")]
+  r = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True)
+  assert r.returncode == 0, r.stdout
+
+
+def test_tpu_vm_dry_run_prints_the_gcloud_commands():
+  r = subprocess.run(
+      ["bash", str(ROOT / "scripts" / "tpu_vm.sh"), "up", "--name=ft", "--zone=us-central2-b",
+       "--project=my-project", "--tpu-type=v4-32", "--workdir=gs://my-bucket/runs/x", "--data-dir=gs://my-bucket/tfds",
+       "--dry-run"], capture_output=True, text=True, cwd=ROOT)
+  assert r.returncode == 0, r.stderr
+  assert "gcloud compute tpus tpu-vm create ft" in r.stdout
+  assert "--worker=all" in r.stdout and "flaxtrain" in r.stdout
+  bad = subprocess.run(
+      ["bash", str(ROOT / "scripts" / "tpu_vm.sh"), "up", "--name=ft", "--zone=us-central2-b",
+       "--project=my-project", "--tpu-type=v4-32", "--workdir=/local/dir", "--dry-run"],
+      capture_output=True, text=True, cwd=ROOT)
+  assert bad.returncode != 0 and "gs://" in bad.stderr
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__, "-q"]))
