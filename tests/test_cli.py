@@ -32,14 +32,29 @@ BAD_INPUT = [
     (["--config.compute_dtype=float8"], "compute_dtype must be one of"),
     (["--bogus=1"], "Unknown command line flag 'bogus'"),
     (["--config.dataset.manual_dir=/nonexistent/dir"], "/nonexistent/dir"),
+    (["--config.dataset.manual_dir=/etc"], "lacks t10k-images-idx3-ubyte.gz"),
+    (["--config.dataset.eval_split=validation"], "has no split 'validation'"),
+    (["--config.num_epochs=1.5"], "--config.num_epochs=1.5"),
+    (["--config.eval_batch_size=0"], "eval_batch_size must be a positive int"),
+    (["--config.log_every_steps=0"], "log_every_steps must be a positive int"),
+    (["--config.optimizer.weight_decay_mask=some"], "weight_decay_mask must be"),
+    (["--config.optimizer.grad_clip_norm=-1"], "grad_clip_norm must be > 0"),
+    (["--config.dataset.on_device=maybe"], "dataset.on_device must be"),
+    (["--workdir=/proc/flaxtrain_cannot_write_here"], "Cannot write to --workdir"),
+    (["--num_processes=2"], "need all of --coordinator_address"),
+    (["--config.dataset.name=mnist", "--config.dataset.data_dir={tmp}/empty"],
+     "--config.dataset.manual_dir"),
 ]
 
 
 @pytest.mark.parametrize("args,needle", BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
-def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, args, needle):
+def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, real_data_dir, args, needle):
   workdir = tmp_path / "run"
+  args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+  if not any(a.startswith("--workdir") for a in args):
+    args.append(f"--workdir={workdir}")
   # num_train_steps keeps a missed case short: it would train two steps and fail below.
-  r = flaxtrain(*args, "--config.num_train_steps=2", f"--workdir={workdir}")
+  r = flaxtrain(*args, "--config.num_train_steps=2", env={"TFDS_DATA_DIR": real_data_dir})
   assert r.returncode != 0
   errors = [line for line in r.stderr.splitlines() if line.startswith("flaxtrain: error:")]
   assert len(errors) == 1, r.stderr[-3000:]

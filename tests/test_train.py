@@ -122,3 +122,4 @@ def test_batch_not_divisible_by_devices_fails_before_writing(synthetic_data, tmp
   with pytest.raises(train.UserError, match="does not divide by the 4 devices"):
     train.train_and_evaluate(tiny_config(batch_size=66), str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
+
