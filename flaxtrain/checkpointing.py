@@ -10,6 +10,8 @@ Faults, and what this module does about them:
 * Leftover Orbax temporary directories (a kill in the middle of a save) are never
   counted as checkpoints and are removed when the next run starts.
 * A checkpoint of another model or optimizer is a user error, never a fallback.
+* Each step's metrics are on disk, so the best checkpoint is still kept after a restart;
+  a damaged metrics file only loses that (with a warning), never the start.
 * A failed save (disk full, quota, storage errors), also one that fails in Orbax's
   background thread, becomes a one-sentence `UserError` at the next `save`, `wait` or
   `close`; older checkpoints are only deleted after a newer one is complete, so the
@@ -48,8 +50,24 @@ _STORAGE_STATUS = re.compile(r"^(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABL
                              r"DEADLINE_EXCEEDED|ABORTED|NOT_FOUND):")
 
 
+def _best_metric(metrics) -> float:
+  return float(metrics.get(BEST_METRIC, float("-inf")))
+
+
 class _Unreadable(Exception):
   """A checkpoint step that cannot be read back; the message says why."""
+
+
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager, but a step's damaged metrics file does not stop it from starting."""
+
+  def _get_metrics(self, step: int):
+    try:
+      return super()._get_metrics(step)
+    except Exception as e:  # noqa: BLE001 - e.g. a truncated JSON file.
+      logging.warning("Ignoring the unreadable metrics of the checkpoint at step %d in %s "
+                      "(%s).", step, self.directory, _short(e))
+      return None
 
 
 class Checkpointer:
@@ -59,15 +77,19 @@ class Checkpointer:
     self.directory = _abspath(directory)
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep),
-        checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+        checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1,
                                   keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, enable_async_checkpointing=async_save, create=True,
+        # With a best_fn Orbax writes each step's metrics to disk (`<step>/metrics`), so
+        # that the best checkpoint is still known, and kept, after a restart.
+        best_fn=_best_metric, best_mode="max",
         # Temporary directories of saves that never finished (a kill mid-save) are not
         # checkpoints: Orbax never lists them, and this removes them.
         cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.manager = _Manager(self.directory, options=options)
+    _StorageTracebacks.install()
     self._pending_step = None  # The step whose async save may still fail.
     self._failure = None  # The UserError of a failed save, raised again on every wait.
 
@@ -88,8 +110,8 @@ class Checkpointer:
     A failure of the previous async save surfaces here (or at `wait`/`close`).
     """
     self.wait()
-    if metrics is not None:
-      metrics = {k: float(v) for k, v in metrics.items()}
+    # Always a dict (empty between evals): Orbax then writes it without a warning.
+    metrics = {k: float(v) for k, v in (metrics or {}).items()}
     tree = flax.serialization.to_state_dict(state)
     try:
       custom = {_CHECKSUMS_KEY: checksums(tree)}
@@ -179,32 +201,18 @@ class Checkpointer:
 
   def _restore_newest(self, steps: list[int], target):
     tree = flax.serialization.to_state_dict(target)
-    failed = []
-    for step in sorted(steps, reverse=True):
-      try:
-        restored = _read_step(self.manager, self.directory, step, tree, where=self.directory)
-        error = None
-      except _Unreadable as e:
-        restored, error = None, str(e)
-      if not _all_processes_agree(error is None):
-        error = error or "another process could not read it"
-        restored = None
-      if error is not None:
-        logging.warning("The checkpoint at step %d in %s cannot be read (%s); trying the "
-                        "previous one.", step, self.directory, error)
-        failed.append((step, error))
-        continue
-      if failed:
-        moved = self._move_aside([s for s, _ in failed])
-        logging.warning("Restored the checkpoint at step %d instead of step %d; the "
-                        "unreadable checkpoint(s) were moved to %s.", step, failed[0][0],
-                        ", ".join(moved))
-      return flax.serialization.from_state_dict(target, restored), step
-    listed = ", ".join(str(s) for s, _ in failed)
-    raise UserError(
-        f"None of the checkpoints in {self.directory} can be read (steps {listed}; step "
-        f"{failed[0][0]}: {failed[0][1]}): use a new --workdir, or move that directory away "
-        "to start this run again.")
+    restored, step, failed = _read_newest(self.manager, self.directory, steps, tree,
+                                          where=self.directory)
+    if restored is None:
+      raise UserError(
+          f"None of the checkpoints in {self.directory} can be read (steps "
+          f"{', '.join(str(s) for s, _ in failed)}; step {failed[0][0]}: {failed[0][1]}): use "
+          "a new --workdir, or move that directory away to start this run again.")
+    if failed:
+      moved = self._move_aside([s for s, _ in failed])
+      logging.warning("Restored the checkpoint at step %d instead of step %d; the unreadable "
+                      "checkpoint(s) were moved to %s.", step, failed[0][0], ", ".join(moved))
+    return flax.serialization.from_state_dict(target, restored), step
 
   def _move_aside(self, steps: list[int]) -> list[str]:
     """Renames unreadable steps so that Orbax no longer lists them or saves over them."""
@@ -250,31 +258,24 @@ def load_params(path: str, target_params):
     directory = root / "checkpoints" if (root / "checkpoints").is_dir() else root
     only_step = None
   manager = _read_only_manager(str(directory))
-  steps = sorted(manager.all_steps(), reverse=True)
-  if only_step is not None:
-    steps = [only_step]
-  if not steps:
-    raise UserError(f"init_from {path} holds no complete checkpoint: pass a flaxtrain "
-                    "workdir or one of its checkpoints/<step> directories.")
-  tree = {"params": flax.serialization.to_state_dict(target_params)}
-  failed = []
-  for step in steps:
-    try:
-      restored = _read_step(manager, str(directory), step, tree, where=path, partial=True,
-                            advice="pass a checkpoint of the same model in init_from")
-    except _Unreadable as e:
-      if only_step is not None:
-        raise UserError(f"The checkpoint {path} cannot be read ({e}): pass another "
-                        "checkpoint in init_from.") from e
-      logging.warning("The checkpoint at step %d in %s cannot be read (%s); trying the "
-                      "previous one.", step, directory, e)
-      failed.append(step)
-      continue
-    logging.info("Initialized the params from the checkpoint at step %d in %s.", step,
-                 directory)
-    return flax.serialization.from_state_dict(target_params, restored["params"])
-  raise UserError(f"None of the checkpoints in {directory} can be read (steps "
-                  f"{', '.join(map(str, failed))}): pass another init_from.")
+  try:
+    steps = [only_step] if only_step is not None else manager.all_steps()
+    if not steps:
+      raise UserError(f"init_from {path} holds no complete checkpoint: pass a flaxtrain "
+                      "workdir or one of its checkpoints/<step> directories.")
+    tree = {"params": flax.serialization.to_state_dict(target_params)}
+    restored, step, failed = _read_newest(
+        manager, str(directory), steps, tree, where=path, partial=True,
+        advice="pass a checkpoint of the same model in init_from")
+  finally:
+    manager.close()
+  if restored is None:
+    raise UserError(f"The checkpoint at step {failed[0][0]} in {directory} cannot be read "
+                    f"({failed[0][1]})" + (f", nor can {len(failed) - 1} older one(s)"
+                                           if len(failed) > 1 else "")
+                    + ": pass another checkpoint in init_from.")
+  logging.info("Initialized the params from the checkpoint at step %d in %s.", step, directory)
+  return flax.serialization.from_state_dict(target_params, restored["params"])
 
 
 def _step_of(step_dir: epath.Path, path: str) -> int:
@@ -282,6 +283,35 @@ def _step_of(step_dir: epath.Path, path: str) -> int:
     raise UserError(f"init_from {path} is not a checkpoints/<step> directory: pass a "
                     "flaxtrain workdir or one of its checkpoints/<step> directories.")
   return int(step_dir.name)
+
+
+class _StorageTracebacks(logging_std.Filter):
+  """Quiets what Orbax and asyncio log, with tracebacks, for a save that hit a storage error.
+
+  The save's UserError says it in one sentence (with --verbose its traceback chains
+  Orbax's exception): Orbax's records keep their line but lose the traceback, and
+  asyncio's "Task exception was never retrieved" for Orbax's write tasks, which comes at
+  exit after that sentence, is dropped.
+  """
+
+  _installed = False
+
+  @classmethod
+  def install(cls):
+    if not cls._installed:
+      for name in ("absl", "asyncio"):
+        logging_std.getLogger(name).addFilter(cls())
+      cls._installed = True
+
+  def filter(self, record):
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is None or storage_error(exc) is None:
+      return True
+    if record.name == "asyncio":
+      return "orbax" not in record.getMessage()
+    if "orbax" in record.pathname:
+      record.exc_info, record.exc_text = None, None
+    return True
 
 
 class _DropReadOnlyNotes(logging_std.Filter):
@@ -294,13 +324,38 @@ def _read_only_manager(directory: str) -> ocp.CheckpointManager:
   absl_logger = logging_std.getLogger("absl")
   absl_logger.addFilter(note_filter)
   try:
-    return ocp.CheckpointManager(
+    return _Manager(
         directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
   finally:
     absl_logger.removeFilter(note_filter)
 
 
 # ------------------------------------------------------------------- reading
+
+
+def _read_newest(manager, directory: str, steps, tree, *, where: str, partial=False,
+                 advice=None):
+  """Reads the newest readable of `steps`: (restored, step, [(unreadable step, why)]).
+
+  `restored` is None if none can be read. A structure mismatch raises a UserError.
+  """
+  failed = []
+  for step in sorted(steps, reverse=True):
+    try:
+      restored = _read_step(manager, directory, step, tree, where=where, partial=partial,
+                            advice=advice)
+      error = None
+    except _Unreadable as e:
+      restored, error = None, str(e)
+    if not _all_processes_agree(error is None):  # All processes restore the same step.
+      restored, error = None, error or "another process could not read it"
+    if error is None:
+      return restored, step, failed
+    logging.warning("The checkpoint at step %d in %s cannot be read (%s); trying the previous "
+                    "one.", step, directory, error)
+    failed.append((step, error))
+  return None, None, failed
+
 
 
 def _read_step(manager, directory: str, step: int, tree, *, where: str, partial=False,
@@ -391,9 +446,11 @@ def checksums(tree) -> dict[str, int]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   keys, leaves = [], []
   for path, leaf in flat:
-    if hasattr(leaf, "dtype") and hasattr(leaf, "shape") and (
-        leaf.dtype.kind in "biuf" or leaf.dtype == jnp.bfloat16
-        or jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)):
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or not hasattr(leaf, "shape"):
+      continue
+    if (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or dtype == jnp.bfloat16
+        or getattr(dtype, "kind", "") in "biuf" and dtype.itemsize in (1, 2, 4, 8)):
       keys.append(_path_str(path))
       leaves.append(leaf)
   if not leaves:

@@ -263,11 +263,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     keep=config.keep_checkpoints)
   state = init_state(model, tx, spec.image_shape, config.seed, par)
-  start_step = ckpt.latest_step()
-  if start_step is not None:
-    state = ckpt.restore(start_step, state)
+  # The newest readable checkpoint: an unreadable one is reported, moved aside and the
+  # previous one used; one of another model or optimizer is a UserError.
+  restored, start_step = ckpt.restore_latest(state)
+  if restored is not None:
+    state = restored
     logging.info("Resumed from the checkpoint at step %d.", start_step)
   else:
+    if config.init_from:  # Only for a new run: resuming continues the run's own state.
+      params = checkpointing.load_params(config.init_from, state.params)
+      opt_init = jax.jit(tx.init, out_shardings=par.sharding(parallel.REPLICATED))
+      state = state.replace(params=params, opt_state=opt_init(params))
+      logging.info("Initialized the params from %s.", config.init_from)
     workdirs.write_config(workdir, config, par)
     writer.write_hparams(workdirs.flat_config(config))
     parameter_overview.log_parameter_overview(par.to_host(state.params))
@@ -346,7 +353,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     previous = workdirs.read_summary(workdir)
     logging.info("The run in %s already finished at step %d; nothing more to train.",
                  workdir, step)
-    return previous or {"step": step, **evaluate(state), "wall_s": time.time() - start_time}
+    if previous is None:  # Killed after the last checkpoint, before the summary.
+      previous = {"step": step, **evaluate(state), "wall_s": time.time() - start_time,
+                  "devices": par.num_devices, "processes": par.num_processes,
+                  "batch_size": config.batch_size}
+      workdirs.write_summary(workdir, previous, par)
+    return previous
   ckpt.wait()
   ckpt.close()
   writer.flush()

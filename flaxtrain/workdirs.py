@@ -72,7 +72,9 @@ def flat_config(config) -> dict:
 def _atomic_write(path: epath.Path, text: str):
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text(text)
-  tmp.rename(path)
+  # replace, not rename (which refuses an existing file): a rerun after a kill before the
+  # first checkpoint writes config.json again, a resumed finished run summary.json.
+  tmp.replace(path)
 
 
 def write_config(workdir: str, config, par):

@@ -123,3 +123,16 @@ def test_batch_not_divisible_by_devices_fails_before_writing(synthetic_data, tmp
     train.train_and_evaluate(tiny_config(batch_size=66), str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
 
+
+
+def test_init_from_starts_a_new_run_from_another_runs_params(synthetic_data, tmp_path):
+  first = train.train_and_evaluate(tiny_config(num_train_steps=32), str(tmp_path / "a"))
+  # A learning rate too small to move anything: the new run evaluates the old params.
+  tuned = train.train_and_evaluate(
+      tiny_config(num_train_steps=1, init_from=str(tmp_path / "a"),
+                  **{"optimizer.learning_rate": 1e-12}), str(tmp_path / "b"))
+  assert tuned["step"] == 1
+  assert tuned["eval_loss"] == pytest.approx(first["eval_loss"], abs=1e-5)
+  with pytest.raises(train.UserError, match="init_from"):
+    train.train_and_evaluate(tiny_config(init_from=str(tmp_path / "a"),
+                                         **{"model.dense": (64,)}), str(tmp_path / "c"))
