@@ -152,9 +152,11 @@ def test_prepared_copy_needs_no_source(fashion_data_dir, monkeypatch):
   monkeypatch.setattr(datasets, "SYSTEM_COPIES", {})
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
                       lambda *a, **k: pytest.fail("prepared again"))
-  builder = datasets.prepare("fashion_mnist", data_dir=fashion_data_dir[0],
-                             manual_dir="/nonexistent")  # Unused: the data is there.
+  builder = datasets.prepare("fashion_mnist", data_dir=fashion_data_dir[0])
   assert builder.is_prepared()
+  # A manual_dir the user names is still checked, even though it would not be needed.
+  with pytest.raises(UserError, match="manual_dir=/nonexistent is not a readable directory"):
+    datasets.prepare("fashion_mnist", data_dir=fashion_data_dir[0], manual_dir="/nonexistent")
 
 
 def test_load_mnist_on_mock_data(tmp_path, monkeypatch):
