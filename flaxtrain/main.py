@@ -91,18 +91,21 @@ def main(argv):
 
 
 def _cpu_devices_default(batch_size: int):
-  """One JAX CPU device per core (measured 1.5x faster on 2 cores than one device).
+  """One JAX CPU device per core when each gets at least 64 examples, else one device.
 
-  Only the CPU backend reads this; it must be set before JAX starts. The count divides
-  the batch so the default never trips the divisibility check. XLA_FLAGS set by the user
-  wins.
+  Measured on 2 cores (scripts/benchmark.py): at batch 128 two devices are ~1.5x faster
+  than one; at batch 32 one device is faster (per-device steps of 16 examples cost more
+  than they save). Only the CPU backend reads this, before JAX starts; the count divides
+  the batch. XLA_FLAGS set by the user wins.
   """
   flags_env = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" in flags_env:
     return
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  n = max(d for d in range(1, max(cores or 1, 1) + 1) if batch_size % d == 0)
-  os.environ["XLA_FLAGS"] = f"{flags_env} --xla_force_host_platform_device_count={n}".strip()
+  fits = [d for d in range(1, max(cores or 1, 1) + 1)
+          if batch_size % d == 0 and (d == 1 or batch_size // d >= 64)]
+  os.environ["XLA_FLAGS"] = (
+      f"{flags_env} --xla_force_host_platform_device_count={max(fits)}".strip())
 
 
 def _run():
