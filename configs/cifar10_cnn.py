@@ -11,9 +11,5 @@ def get_config():
   c.dataset.name = "cifar10"
   c.model = config_lib.cnn_model(features=(64, 128), dense=(512,))
   c.num_epochs = 30
-  c.optimizer.name = "adamw"
-  c.optimizer.learning_rate = 2e-3
-  c.optimizer.weight_decay = 5e-4
-  c.schedule.name = "warmup_cosine"
-  c.schedule.warmup_epochs = 1.0
-  return c
+  return config_lib.adamw_warmup_cosine(c, learning_rate=2e-3, weight_decay=5e-4,
+                                        warmup_epochs=1.0)

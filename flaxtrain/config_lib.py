@@ -67,6 +67,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def adamw_warmup_cosine(c: ml_collections.ConfigDict, learning_rate: float,
+                        weight_decay: float, warmup_epochs: float) -> ml_collections.ConfigDict:
+  """The recipe of the CNN configs: AdamW, linear warmup, cosine decay to 0."""
+  c.optimizer.name = "adamw"
+  c.optimizer.learning_rate = learning_rate
+  c.optimizer.weight_decay = weight_decay
+  c.schedule.name = "warmup_cosine"
+  c.schedule.warmup_epochs = warmup_epochs
+  return c
+
+
 def cnn_model(features=(32, 64), dense=(256,)) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(name="cnn", features=features, dense=dense))
 

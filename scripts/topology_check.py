@@ -1,6 +1,6 @@
 """Trains one config on several topologies and prints how far their results drift apart.
 
-    python scripts/topology_check.py --steps=120 --workdir=/tmp/topo -- --config.batch_size=128
+    python scripts/topology_check.py --steps=120 --workdir=runs/topology_check
 
 Topologies (all on this machine's CPU): 1 device, 8 fake devices, and 2 processes x 2
 fake devices joined by jax.distributed on 127.0.0.1. flaxtrain's batches are a pure
