@@ -19,7 +19,7 @@ I (0 <= I < N) is started as
 Arguments:
   N                      Number of processes (a positive integer).
   FLAXTRAIN_ARGS...      Passed unchanged to every process, e.g.
-                         --config=configs/fashion_cnn.py --workdir=/tmp/run.
+                         --config=configs/fashion_cnn.py --workdir=runs/mp.
                          Every process gets the same --workdir.
 
 Options (before N):
@@ -56,9 +56,9 @@ Environment:
 
 Examples:
   XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \\
-    $PROG 2 --config=configs/fashion_cnn.py --workdir=/tmp/ft_mp
-  $PROG --logdir=/tmp/ft_logs 4 --config=configs/fashion_cnn.py \\
-    --workdir=/tmp/ft_mp4 --config.num_epochs=1
+    $PROG 2 --config=configs/fashion_cnn.py --workdir=runs/ft_mp
+  $PROG --logdir=runs/ft_logs 4 --config=configs/fashion_cnn.py \\
+    --workdir=runs/ft_mp4 --config.num_epochs=1
 EOF
 }
 
