@@ -116,7 +116,7 @@ class Pipeline:
       shape = idx.shape + values.shape[1:]
       # Only the rows of this process's devices are gathered on the host.
       inputs[key] = self.par.put_from_callback(
-          shape, values.dtype, parallel.STEPS_BATCH,
+          shape, parallel.STEPS_BATCH,
           lambda index, v=values: v[idx[index[:2]]])
     return Batches(inputs=inputs, specs={k: parallel.STEPS_BATCH for k in inputs})
 

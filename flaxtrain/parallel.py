@@ -46,11 +46,10 @@ class DataParallel:
     Each process only copies the slices its own devices hold, so with `BATCH` specs a
     process transfers its share of the batch and nothing else.
     """
-    return jax.make_array_from_callback(x.shape, self.sharding(spec), lambda idx: x[idx])
+    return self.put_from_callback(x.shape, spec, lambda idx: x[idx])
 
-  def put_from_callback(self, shape, dtype, spec: P, fetch: Callable) -> jax.Array:
+  def put_from_callback(self, shape, spec: P, fetch: Callable) -> jax.Array:
     """Global array whose per-device blocks come from `fetch(index_tuple)` on the host."""
-    del dtype
     return jax.make_array_from_callback(shape, self.sharding(spec), fetch)
 
   def to_host(self, tree):

@@ -28,9 +28,6 @@ class Stopper:
                     "(press Ctrl-C again to abort without saving).",
                     signal.Signals(signum).name)
 
-  def request(self):
-    self._requested.set()
-
   def should_stop(self, step: int) -> bool:
     local = self._requested.is_set()
     if self._par.num_processes == 1:
@@ -41,7 +38,14 @@ class Stopper:
     flags = multihost_utils.process_allgather(np.array(local, np.int32))
     return bool(np.any(flags))
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.restore()
+
   def restore(self):
+    """Puts back the previous signal handlers (training is over)."""
     if self._installed:
       for s, handler in self._previous.items():
         signal.signal(s, handler)

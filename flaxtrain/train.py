@@ -296,82 +296,83 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   report = periodic_actions.ReportProgress(num_train_steps=plan.total_steps, writer=writer,
                                            every_steps=config.log_every_steps)
-  stopper = preemption.Stopper(par, check_every=plan.log_every)
-  train_metrics = None
-  timing = {"steady_s": 0.0, "steady_steps": 0, "first_step_s": None, "compile_s": None}
-  eval_result = None
-  while step < plan.total_steps:
-    n = plan.next_stop(step) - step
-    batches = pipe.train_batches(step, n, plan.steps_per_dispatch)
-    if train_chunk is None:
-      train_chunk = par.compile(chunk_fn, in_specs=(parallel.REPLICATED, batches.specs,
-                                                    parallel.REPLICATED),
-                                out_specs=parallel.REPLICATED, donate_argnums=(0,))
-    t = time.time()
-    state, chunk_metrics, bad = train_chunk(state, batches.inputs, np.int32(n))
-    bad = int(par.to_host(bad))
-    elapsed = time.time() - t
-    if timing["first_step_s"] is None:
-      timing["first_step_s"] = time.time() - start_time
-      timing["compile_s"] = elapsed
-    else:
-      timing["steady_s"] += elapsed
-      timing["steady_steps"] += n
-    if bad >= 0:
-      _fail_nonfinite(bad, par.to_host(chunk_metrics).compute(), ckpt, writer)
-    for s in range(step + 1, step + n + 1):  # ReportProgress wants every step.
-      report(s)
-    step += n
-    train_metrics = chunk_metrics if train_metrics is None else train_metrics.merge(chunk_metrics)
-    if step % plan.log_every == 0 or step == plan.total_steps:
-      values = par.to_host(train_metrics).compute()
-      writer.write_scalars(step, {f"train_{k}": v for k, v in values.items()})
-      train_metrics = None
+  # Signal handlers only while training: they are put back on every way out.
+  with preemption.Stopper(par, check_every=plan.log_every) as stopper:
+    train_metrics = None
+    timing = {"steady_s": 0.0, "steady_steps": 0, "first_step_s": None, "compile_s": None}
     eval_result = None
-    if step % plan.eval_every == 0 or step == plan.total_steps:
-      with report.timed("eval"):
-        eval_result = evaluate(state)
-      writer.write_scalars(step, {k: v for k, v in eval_result.items() if k != "eval_examples"})
-      logging.info("Step %d: eval loss %.4f, accuracy %.4f (%d examples).", step,
-                   eval_result["eval_loss"], eval_result["eval_accuracy"],
-                   eval_result["eval_examples"])
-    stop = stopper.should_stop(step)
-    if step % plan.checkpoint_every == 0 or step == plan.total_steps or stop:
-      with report.timed("checkpoint"):
-        metrics = {checkpointing.BEST_METRIC: eval_result["eval_accuracy"]} \
-            if eval_result else None
-        ckpt.save(step, state, metrics=metrics, force=True)
-    if stop:
-      ckpt.wait()
-      writer.flush()
-      logging.info("Stopped at step %d after a stop signal; the checkpoint is saved: run the "
-                   "same command to resume.", step)
-      return {"step": step, "stopped": True}
+    while step < plan.total_steps:
+      n = plan.next_stop(step) - step
+      batches = pipe.train_batches(step, n, plan.steps_per_dispatch)
+      if train_chunk is None:
+        train_chunk = par.compile(chunk_fn, in_specs=(parallel.REPLICATED, batches.specs,
+                                                      parallel.REPLICATED),
+                                  out_specs=parallel.REPLICATED, donate_argnums=(0,))
+      t = time.time()
+      state, chunk_metrics, bad = train_chunk(state, batches.inputs, np.int32(n))
+      bad = int(par.to_host(bad))
+      elapsed = time.time() - t
+      if timing["first_step_s"] is None:
+        timing["first_step_s"] = time.time() - start_time
+        timing["compile_s"] = elapsed
+      else:
+        timing["steady_s"] += elapsed
+        timing["steady_steps"] += n
+      if bad >= 0:
+        _fail_nonfinite(bad, par.to_host(chunk_metrics).compute(), ckpt, writer)
+      for s in range(step + 1, step + n + 1):  # ReportProgress wants every step.
+        report(s)
+      step += n
+      train_metrics = chunk_metrics if train_metrics is None else train_metrics.merge(chunk_metrics)
+      if step % plan.log_every == 0 or step == plan.total_steps:
+        values = par.to_host(train_metrics).compute()
+        writer.write_scalars(step, {f"train_{k}": v for k, v in values.items()})
+        train_metrics = None
+      eval_result = None
+      if step % plan.eval_every == 0 or step == plan.total_steps:
+        with report.timed("eval"):
+          eval_result = evaluate(state)
+        writer.write_scalars(step, {k: v for k, v in eval_result.items() if k != "eval_examples"})
+        logging.info("Step %d: eval loss %.4f, accuracy %.4f (%d examples).", step,
+                     eval_result["eval_loss"], eval_result["eval_accuracy"],
+                     eval_result["eval_examples"])
+      stop = stopper.should_stop(step)
+      if step % plan.checkpoint_every == 0 or step == plan.total_steps or stop:
+        with report.timed("checkpoint"):
+          metrics = {checkpointing.BEST_METRIC: eval_result["eval_accuracy"]} \
+              if eval_result else None
+          ckpt.save(step, state, metrics=metrics, force=True)
+      if stop:
+        ckpt.wait()
+        writer.flush()
+        logging.info("Stopped at step %d after a stop signal; the checkpoint is saved: run the "
+                     "same command to resume.", step)
+        return {"step": step, "stopped": True}
 
-  if timing["first_step_s"] is None:  # Finished before this invocation: nothing to do.
+    if timing["first_step_s"] is None:  # Finished before this invocation: nothing to do.
+      ckpt.close()
+      previous = workdirs.read_summary(workdir)
+      logging.info("The run in %s already finished at step %d; nothing more to train.",
+                   workdir, step)
+      if previous is None:  # Killed after the last checkpoint, before the summary.
+        previous = {"step": step, **evaluate(state), "wall_s": time.time() - start_time,
+                    "devices": par.num_devices, "processes": par.num_processes,
+                    "batch_size": config.batch_size}
+        workdirs.write_summary(workdir, previous, par)
+      return previous
+    ckpt.wait()
     ckpt.close()
-    previous = workdirs.read_summary(workdir)
-    logging.info("The run in %s already finished at step %d; nothing more to train.",
-                 workdir, step)
-    if previous is None:  # Killed after the last checkpoint, before the summary.
-      previous = {"step": step, **evaluate(state), "wall_s": time.time() - start_time,
-                  "devices": par.num_devices, "processes": par.num_processes,
-                  "batch_size": config.batch_size}
-      workdirs.write_summary(workdir, previous, par)
-    return previous
-  ckpt.wait()
-  ckpt.close()
-  writer.flush()
-  steady = timing["steady_steps"] * config.batch_size / timing["steady_s"] \
-      if timing["steady_s"] else None
-  summary = {
-      "step": step, **eval_result, "train_examples_per_sec": steady,
-      "wall_s": time.time() - start_time, "time_to_first_step_s": timing["first_step_s"],
-      "first_dispatch_s": timing["compile_s"], "devices": par.num_devices,
-      "processes": par.num_processes, "batch_size": config.batch_size,
-  }
-  workdirs.write_summary(workdir, summary, par)
-  return summary
+    writer.flush()
+    steady = timing["steady_steps"] * config.batch_size / timing["steady_s"] \
+        if timing["steady_s"] else None
+    summary = {
+        "step": step, **eval_result, "train_examples_per_sec": steady,
+        "wall_s": time.time() - start_time, "time_to_first_step_s": timing["first_step_s"],
+        "first_dispatch_s": timing["compile_s"], "devices": par.num_devices,
+        "processes": par.num_processes, "batch_size": config.batch_size,
+    }
+    workdirs.write_summary(workdir, summary, par)
+    return summary
 
 
 def _prepare_data_once(config, par):

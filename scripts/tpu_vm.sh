@@ -405,12 +405,12 @@ poll_state() { # poll_state READY_STATE FAIL_RE WHAT DESCRIBE_CMD...
     return
   fi
   while :; do
-    if state=$("$@" 2>/tmp/tpu_vm_err.$$); then
+    if state=$("$@" 2>"$POLL_ERR"); then
       failures=0
       [[ $state == "$ready" ]] && { log "$what is $ready"; return; }
       [[ $state =~ $fail_re ]] && die "$what is in state $state"
     else
-      err=$(tail -n 1 /tmp/tpu_vm_err.$$)
+      err=$(tail -n 1 "$POLL_ERR")
       ((++failures < 5)) || die "cannot get the state of $what: $err"
       state="unknown ($err)"
     fi
@@ -418,7 +418,8 @@ poll_state() { # poll_state READY_STATE FAIL_RE WHAT DESCRIBE_CMD...
     sleep "$POLL_SECONDS"
   done
 }
-trap 'rm -f /tmp/tpu_vm_err.$$' EXIT
+POLL_ERR=$(mktemp "${TMPDIR:-/tmp}/tpu_vm_err.XXXXXX")
+trap 'rm -f "$POLL_ERR"' EXIT
 
 exists() { # exists DESCRIBE_CMD...: 0 if the resource exists (never with --dry-run)
   ((DRY_RUN == 0)) && "$@" --format='value(name)' >/dev/null 2>&1
@@ -558,7 +559,7 @@ do_delete() {
 teardown() {
   local rc=$?
   trap - EXIT INT TERM
-  rm -f /tmp/tpu_vm_err.$$
+  rm -f "$POLL_ERR"
   log "--teardown: deleting $NAME"
   do_delete || { log "deleting $NAME failed: delete it with: $PROG delete --name=$NAME --zone=$ZONE --project=$PROJECT$( ((QUEUED)) && printf ' --queued')"; rc=1; }
   exit "$rc"
