@@ -50,8 +50,15 @@ _STORAGE_STATUS = re.compile(r"^(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABL
                              r"DEADLINE_EXCEEDED|ABORTED|NOT_FOUND):")
 
 
-def _best_metric(metrics) -> float:
-  return float(metrics.get(BEST_METRIC, float("-inf")))
+def _score_fn(name: str, mode: str):
+  """Orbax ranks by the highest score: `name` for mode 'max', minus it for 'min'."""
+  sign = 1.0 if mode == "max" else -1.0
+
+  def score(metrics) -> float:
+    value = (metrics or {}).get(name)
+    return float("-inf") if value is None else sign * float(value)
+
+  return score
 
 
 class _Unreadable(Exception):
@@ -71,10 +78,12 @@ class _Manager(ocp.CheckpointManager):
 
 
 class Checkpointer:
-  """Keeps the newest `keep` checkpoints plus the best by eval accuracy; async saves."""
+  """Keeps the newest `keep` checkpoints plus the best by `best_metric`; async saves."""
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
+               best_metric: str = BEST_METRIC, best_mode: str = "max"):
     self.directory = _abspath(directory)
+    _best_metric = _score_fn(best_metric, best_mode)
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep),
         checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1,
@@ -101,6 +110,10 @@ class Checkpointer:
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
+
+  def best_step(self) -> int | None:
+    """The checkpoint with the best eval metric (None before the first eval)."""
+    return self.manager.best_step()
 
   # ----------------------------------------------------------------- saving
 

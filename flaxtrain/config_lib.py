@@ -27,7 +27,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   # update and counts it in the metrics.
   c.nonfinite = "error"
   c.init_from = config_dict.placeholder(str)  # Another run's workdir or checkpoint dir.
-  c.compute_dtype = "float32"  # 'bfloat16': bf16 compute, float32 parameters.
+  c.compute_dtype = "float32"  # 'bfloat16': bf16 compute, float32 parameters and optimizer.
+  # Exponential moving average of the parameters (0: off), used for eval and saved with
+  # the checkpoint. The decay ramps up as min(ema_decay, (1 + step) / (10 + step)).
+  c.ema_decay = 0.0
+  # Gradient accumulation: each device's share of the global batch is split into this
+  # many micro-batches whose gradients are averaged into one update.
+  c.grad_accum_steps = 1
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "fashion_mnist"
@@ -39,12 +45,19 @@ def get_base_config() -> ml_collections.ConfigDict:
   # is small enough); otherwise batches are gathered on the host and transferred.
   c.dataset.on_device = "auto"
 
+  # Train-time augmentation, per example on the device (see flaxtrain/augment.py).
+  c.augment = ml_collections.ConfigDict()
+  c.augment.crop_padding = 0  # Pixels of zero padding for a random crop (0: off).
+  c.augment.flip = False  # Random left-right mirror.
+  c.augment.erase_prob = 0.0  # Probability of random erasing.
+
   c.model = ml_collections.ConfigDict()
   c.model.name = "cnn"
 
   c.task = ml_collections.ConfigDict()
   c.task.name = "classification"
-  c.task.label_smoothing = 0.0
+  c.task.label_smoothing = 0.0  # classification
+  c.task.loss = "mse"  # reconstruction: 'mse' or 'bce'
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"
@@ -78,9 +91,28 @@ def adamw_warmup_cosine(c: ml_collections.ConfigDict, learning_rate: float,
   return c
 
 
-def cnn_model(features=(32, 64), dense=(256,)) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(name="cnn", features=features, dense=dense))
+def cnn_model(features=(32, 64), dense=(256,), dropout=0.0) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(name="cnn", features=features, dense=dense,
+                                        dropout=dropout))
 
 
 def mlp_model(hidden=(128,)) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(name="mlp", hidden=hidden))
+
+
+def resnet_model(name="resnet18", stage_sizes=(2, 2, 2, 2), width=64, dropout=0.0,
+                 stem="imagenet") -> ml_collections.ConfigDict:
+  """resnet18/34/50 (stage_sizes fixed by the name) or resnet_small (3x3 stem)."""
+  return ml_collections.ConfigDict(dict(name=name, stage_sizes=stage_sizes, width=width,
+                                        dropout=dropout, stem=stem))
+
+
+def wide_resnet_model(depth=28, widen=10, dropout=0.0) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(name="wide_resnet", depth=depth, widen=widen,
+                                        dropout=dropout))
+
+
+def autoencoder_model(encoder=(256, 128), latent=32, decoder=(128, 256),
+                      activity_l1=0.0) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(name="autoencoder", encoder=encoder, latent=latent,
+                                        decoder=decoder, activity_l1=activity_l1))

@@ -29,16 +29,19 @@ class Sum(metrics.Metric):
     return self.total
 
 
-@flax.struct.dataclass
-class TrainMetrics(metrics.Collection):
-  loss: metrics.Average.from_output("loss")
-  accuracy: metrics.Average.from_output("accuracy")
-  learning_rate: metrics.LastValue.from_output("learning_rate")
-  nonfinite_steps: Sum.from_output("nonfinite")
+def train_metrics(task_metrics) -> type[metrics.Collection]:
+  """Train collection: loss, auxiliary loss, learning rate, skipped steps, task metrics."""
+  return metrics.Collection.create(
+      loss=metrics.Average.from_output("loss"),
+      aux_loss=metrics.Average.from_output("aux_loss"),
+      learning_rate=metrics.LastValue.from_output("learning_rate"),
+      nonfinite_steps=Sum.from_output("nonfinite"),
+      **{name: metrics.Average.from_output(name) for name in task_metrics})
 
 
-@flax.struct.dataclass
-class EvalMetrics(metrics.Collection):
-  loss: metrics.Average.from_output("loss")
-  accuracy: metrics.Average.from_output("accuracy")
-  examples: Sum.from_output("mask")
+def eval_metrics(task_metrics) -> type[metrics.Collection]:
+  """Eval collection: loss and task metrics over the unmasked rows, and their count."""
+  return metrics.Collection.create(
+      loss=metrics.Average.from_output("loss"),
+      examples=Sum.from_output("mask"),
+      **{name: metrics.Average.from_output(name) for name in task_metrics})

@@ -1,25 +1,90 @@
-"""What the model is trained to do: the loss and metrics per example."""
+"""What the model is trained to do: loss and metrics per example, chosen by `config.task`.
 
+A task turns the model's outputs, the batch and the (preprocessed, augmented) input
+images into a per-example loss and per-example metrics. The loop, the metric
+collections and the best-checkpoint choice all follow from the task.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
 import jax.numpy as jnp
 import optax
 
 from flaxtrain import registry
+from flaxtrain.errors import UserError
 
 
-def classification(outputs, batch, *, num_classes: int, label_smoothing: float = 0.0):
-  """Softmax cross-entropy (optionally label-smoothed) and accuracy, per example."""
-  logits = outputs.astype(jnp.float32)
-  labels = optax.smooth_labels(jnp.eye(num_classes)[batch["label"]], label_smoothing) \
-      if label_smoothing else jnp.eye(num_classes)[batch["label"]]
-  loss = optax.softmax_cross_entropy(logits, labels)
-  accuracy = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-  return loss, {"accuracy": accuracy}
+@dataclasses.dataclass(frozen=True)
+class Task:
+  name: str
+  kind: str  # 'classification' | 'reconstruction'
+  # (outputs, batch, inputs) -> (per-example loss [B], {metric: per-example values [B]}).
+  loss: Callable
+  # Model outputs -> what a user looks at: class probabilities, or images in [0, 1].
+  predict: Callable
+  metric_names: tuple[str, ...]
+  best_metric: str  # The eval metric that picks the best checkpoint ...
+  best_mode: str  # ... and whether higher ('max') or lower ('min') is better.
 
 
-TASKS = {"classification": classification}
+def classification(cfg, num_classes: int) -> Task:
+  """Softmax cross-entropy (optionally label-smoothed); accuracy, and top-5 above 5 classes."""
+  smoothing = cfg.label_smoothing
+  if not 0.0 <= smoothing < 1.0:
+    raise UserError(f"task.label_smoothing must be in [0, 1), got {smoothing}.")
+  top5 = num_classes > 5
+
+  def loss(outputs, batch, inputs):
+    del inputs
+    logits = outputs.astype(jnp.float32)
+    labels = jax.nn.one_hot(batch["label"], num_classes)
+    if smoothing:
+      labels = optax.smooth_labels(labels, smoothing)
+    per_example = optax.softmax_cross_entropy(logits, labels)
+    metrics = {"accuracy": (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)}
+    if top5:
+      _, best5 = jax.lax.top_k(logits, 5)
+      metrics["top5_accuracy"] = jnp.any(best5 == batch["label"][:, None], -1).astype(
+          jnp.float32)
+    return per_example, metrics
+
+  names = ("accuracy", "top5_accuracy") if top5 else ("accuracy",)
+  return Task("classification", "classification", loss,
+              lambda outputs: jax.nn.softmax(outputs.astype(jnp.float32), -1), names,
+              best_metric="eval_accuracy", best_mode="max")
 
 
-def get(cfg, num_classes: int):
-  fn = registry.lookup(TASKS, cfg.name, "task", "task.name")
-  return lambda outputs, batch: fn(outputs, batch, num_classes=num_classes,
-                                   label_smoothing=cfg.label_smoothing)
+def reconstruction(cfg, num_classes: int) -> Task:
+  """The model outputs pixel logits shaped like its input; sigmoid gives the image.
+
+  `task.loss`: 'mse' (squared error of the sigmoid image) or 'bce' (binary cross-entropy
+  against the pixel intensities). The mean squared error is reported either way.
+  """
+  del num_classes
+  if cfg.loss not in ("mse", "bce"):
+    raise UserError(f"task.loss must be 'mse' or 'bce' for reconstruction, got {cfg.loss!r}.")
+
+  def loss(outputs, batch, inputs):
+    del batch
+    logits = outputs.astype(jnp.float32).reshape(inputs.shape)
+    target = inputs.astype(jnp.float32)
+    axes = tuple(range(1, target.ndim))
+    mse = jnp.mean((jax.nn.sigmoid(logits) - target) ** 2, axis=axes)
+    if cfg.loss == "bce":
+      per_example = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, target), axis=axes)
+    else:
+      per_example = mse
+    return per_example, {"mse": mse}
+
+  return Task("reconstruction", "reconstruction", loss,
+              lambda outputs: jax.nn.sigmoid(outputs.astype(jnp.float32)), ("mse",),
+              best_metric="eval_loss", best_mode="min")
+
+
+TASKS = {"classification": classification, "reconstruction": reconstruction}
+
+
+def get(cfg, num_classes: int) -> Task:
+  return registry.lookup(TASKS, cfg.name, "task", "task.name")(cfg, num_classes)

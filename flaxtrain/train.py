@@ -1,8 +1,9 @@
 """The training recipe: state, per-device train/eval steps, and `train_and_evaluate`.
 
-Reads top to bottom in execution order: validate -> data -> model -> optimizer ->
-workdir -> state -> restore -> loop (train chunks; log, eval, checkpoint exactly on
-their steps) -> wait -> summary.
+Reads top to bottom: validate -> per-device steps (train chunk, eval, predict) ->
+`Experiment` (data, model, task, optimizer, compiled steps; no workdir) ->
+`train_and_evaluate`: workdir -> state -> restore -> loop (train chunks; log, eval,
+checkpoint exactly on their steps) -> wait -> summary.
 """
 
 import dataclasses
@@ -18,8 +19,10 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
+from etils import epath
 
 from flaxtrain import (
+  augment,
   checkpointing,
   datasets,
   input_pipeline,
@@ -30,10 +33,12 @@ from flaxtrain import (
   tasks,
   workdirs,
 )
+from flaxtrain import metrics as metrics_lib
 from flaxtrain.errors import UserError
-from flaxtrain.metrics import EvalMetrics, TrainMetrics
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Collections a model fills during a call; never part of the train state.
+TRANSIENT_COLLECTIONS = ("losses", "intermediates")
 # Test-only: make the loss NaN at this step, to exercise the non-finite handling.
 NAN_STEP_ENV = "FLAXTRAIN_TEST_NAN_AT_STEP"
 
@@ -44,6 +49,7 @@ class TrainState:
   params: Any
   opt_state: Any
   model_state: Any  # Non-param collections (e.g. {'batch_stats': ...}); {} if none.
+  ema_params: Any  # Moving average of params when config.ema_decay > 0, else {}.
 
 
 class TrainingError(UserError):
@@ -92,6 +98,15 @@ def validate(config: ml_collections.ConfigDict, par: parallel.DataParallel):
         f"({par.describe()}): set --config.batch_size to a multiple of {par.num_devices}.")
   if config.nonfinite not in ("error", "skip"):
     raise UserError(f"nonfinite must be 'error' or 'skip', got {config.nonfinite!r}.")
+  positive("grad_accum_steps", config.grad_accum_steps)
+  per_device = config.batch_size // par.num_devices
+  if per_device % config.grad_accum_steps:
+    raise UserError(
+        f"grad_accum_steps {config.grad_accum_steps} does not divide the per-device batch "
+        f"{per_device} (batch_size {config.batch_size} over {par.num_devices} devices): set "
+        "--config.grad_accum_steps to a divisor of it.")
+  if not 0.0 <= config.ema_decay < 1.0:
+    raise UserError(f"ema_decay must be in [0, 1) (0 turns EMA off), got {config.ema_decay}.")
   if config.compute_dtype not in DTYPES:
     raise UserError(f"compute_dtype must be one of {', '.join(DTYPES)}, got "
                     f"{config.compute_dtype!r}.")
@@ -122,45 +137,105 @@ def make_plan(config, steps_per_epoch: int, platform: str = "cpu") -> Plan:
 # ------------------------------------------------------------- per-device code
 
 
-def preprocess(images, dtype):
+def preprocess(images, dtype=jnp.float32):
+  """uint8 images -> floats in [0, 1] of `dtype`."""
   return images.astype(jnp.float32).astype(dtype) / 255.0
 
 
-def make_train_chunk(model, tx, schedule, loss_fn, config, dtype, max_steps: int):
+def _sum_losses(collection) -> jax.Array:
+  """The sum of every value a model sowed into its 'losses' collection (0 if none)."""
+  leaves = jax.tree.leaves(collection)
+  return sum((jnp.sum(x.astype(jnp.float32)) for x in leaves), jnp.float32(0.0))
+
+
+def ema_decay_at(step, decay: float):
+  """EMA decay with warm-up: early averages are not dominated by the random init."""
+  step = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def make_train_chunk(model, tx, schedule, task, config, dtype, max_steps: int,
+                     metrics_cls):
   """Per-device: runs up to `num_steps` (<= max_steps) train steps on the chunk's batches."""
   stop_on_nonfinite = config.nonfinite == "error"
   nan_step = int(os.environ.get(NAN_STEP_ENV, -1))
   base_key = jax.random.key(config.seed)
+  accum = config.grad_accum_steps
+  aug_cfg = config.augment
+  ema_decay = config.ema_decay
 
-  def loss_and_aux(params, model_state, batch, rng):
+  def micro_loss(params, model_state, x, batch, rng):
     variables = {"params": params, **model_state}
-    x = preprocess(batch["image"], dtype)
-    mutable = list(model_state)
-    out = model.apply(variables, x, train=True, rngs={"dropout": rng}, mutable=mutable or False)
-    outputs, new_model_state = out if mutable else (out, {})
-    per_example, extra = loss_fn(outputs, batch)
-    return jnp.mean(per_example), (new_model_state, per_example, extra)
+    mutable = [*model_state, "losses"]
+    outputs, new_vars = model.apply(variables, x, train=True, rngs={"dropout": rng},
+                                    mutable=mutable)
+    aux = _sum_losses(new_vars.get("losses", {}))
+    new_state = {k: v for k, v in new_vars.items() if k != "losses"}
+    per_example, task_metrics = task.loss(outputs, batch, x)
+    loss = jnp.mean(per_example) + aux
+    return loss, (new_state, per_example, task_metrics, aux)
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def gradients(params, model_state, x, batch, rng):
+    """Mean loss gradient over this device's batch, in `accum` sequential micro-batches."""
+    if accum == 1:
+      (_, (model_state, per_example, task_metrics, aux)), grads = grad_fn(
+          params, model_state, x, batch, rng)
+      return grads, model_state, per_example, task_metrics, aux
+
+    def split(v):
+      return v.reshape((accum, v.shape[0] // accum, *v.shape[1:]))
+
+    def body(carry, inputs):
+      grads_sum, model_state, aux_sum = carry
+      j, xj, bj = inputs
+      (_, (model_state, per_example, task_metrics, aux)), grads = grad_fn(
+          params, model_state, xj, bj, jax.random.fold_in(rng, j))
+      grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+      return (grads_sum, model_state, aux_sum + aux), (per_example, task_metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    carry = (zeros, model_state, jnp.float32(0.0))
+    (grads, model_state, aux), (per_example, task_metrics) = jax.lax.scan(
+        body, carry, (jnp.arange(accum), split(x), jax.tree.map(split, batch)))
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    flat = lambda v: v.reshape((-1, *v.shape[2:]))  # noqa: E731
+    return grads, model_state, flat(per_example), jax.tree.map(flat, task_metrics), aux / accum
 
   def train_step(state, batch):
-    # A fresh dropout key per step and device, a pure function of (seed, step).
-    rng = jax.random.fold_in(jax.random.fold_in(base_key, state.step), parallel.device_index())
-    grad_fn = jax.value_and_grad(loss_and_aux, has_aux=True)
-    (loss, (model_state, per_example, extra)), grads = grad_fn(
-        state.params, state.model_state, batch, rng)
-    grads, loss = parallel.mean((grads, loss))
+    # Random draws are pure functions of (seed, step) and the example's (for augmentation)
+    # or the device's (for dropout) position, so resumed runs repeat them exactly.
+    step_key = jax.random.fold_in(base_key, state.step)
+    device = parallel.device_index()
+    local_batch = batch["label"].shape[0]
+    x = preprocess(batch["image"], jnp.float32)
+    x = augment.apply(x, jax.random.fold_in(step_key, 1), device * local_batch, aug_cfg)
+    x = x.astype(dtype)
+    rng = jax.random.fold_in(jax.random.fold_in(step_key, 2), device)
+    grads, model_state, per_example, task_metrics, aux = gradients(
+        state.params, state.model_state, x, batch, rng)
+    loss = jnp.mean(per_example) + aux
+    # Running statistics (e.g. BatchNorm's) are averaged too: replicas stay identical.
+    grads, loss, model_state = parallel.mean((grads, loss, model_state))
     if nan_step >= 0:
       loss = jnp.where(state.step == nan_step, jnp.nan, loss)
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                     opt_state=opt_state, model_state=model_state)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = state.ema_params
+    if ema_decay:
+      d = ema_decay_at(state.step, ema_decay)
+      ema_params = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema_params, params)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                     model_state=model_state, ema_params=ema_params)
     # A non-finite step is never applied; in 'skip' mode only the step counter moves on.
     kept = state.replace(step=state.step + 1)
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, kept)
-    first_device = (parallel.device_index() == 0).astype(jnp.float32)
-    metrics = TrainMetrics.single_from_model_output(
-        loss=per_example, accuracy=extra["accuracy"], learning_rate=schedule(state.step),
-        nonfinite=(1.0 - finite.astype(jnp.float32)) * first_device)
+    first_device = (device == 0).astype(jnp.float32)
+    metrics = metrics_cls.single_from_model_output(
+        loss=per_example + aux, aux_loss=aux, learning_rate=schedule(state.step),
+        nonfinite=(1.0 - finite.astype(jnp.float32)) * first_device, **task_metrics)
     return new, metrics, finite
 
   def guarded_step(state, batch):
@@ -187,70 +262,248 @@ def make_train_chunk(model, tx, schedule, loss_fn, config, dtype, max_steps: int
       new, step_metrics, bad = guarded_step(state, input_pipeline.take(inputs, i))
       return i + 1, new, metrics.merge(step_metrics), bad
 
-    carry = (jnp.int32(0), state, TrainMetrics.empty(), jnp.int32(-1))
+    carry = (jnp.int32(0), state, metrics_cls.empty(), jnp.int32(-1))
     _, state, metrics, bad = jax.lax.while_loop(cond, body, carry)
     return state, parallel.gather_metrics(metrics), bad
 
   return chunk
 
 
-def make_eval(model, loss_fn, dtype, num_steps: int):
+def eval_params(state: TrainState):
+  """The parameters evaluated and exported: the EMA when there is one."""
+  return state.ema_params if jax.tree.leaves(state.ema_params) else state.params
+
+
+def make_eval(model, task, dtype, num_steps: int, metrics_cls):
   """Per-device: evaluates all `num_steps` padded eval batches (masked rows ignored)."""
 
   def evaluate(state, inputs):
-    variables = {"params": state.params, **state.model_state}
+    variables = {"params": eval_params(state), **state.model_state}
 
     def body(i, metrics):
       batch = input_pipeline.take(inputs, i)
-      outputs = model.apply(variables, preprocess(batch["image"], dtype), train=False)
-      per_example, extra = loss_fn(outputs, batch)
-      return metrics.merge(EvalMetrics.single_from_model_output(
-          loss=per_example, accuracy=extra["accuracy"], mask=batch["mask"]))
+      x = preprocess(batch["image"], dtype)
+      per_example, task_metrics = task.loss(model.apply(variables, x, train=False), batch, x)
+      return metrics.merge(metrics_cls.single_from_model_output(
+          loss=per_example, mask=batch["mask"], **task_metrics))
 
-    metrics = jax.lax.fori_loop(0, num_steps, body, EvalMetrics.empty())
+    metrics = jax.lax.fori_loop(0, num_steps, body, metrics_cls.empty())
     return parallel.gather_metrics(metrics)
 
   return evaluate
 
 
-def init_state(model, tx, image_shape, seed: int, par: parallel.DataParallel) -> TrainState:
+def make_predict(model, task, dtype, num_steps: int):
+  """Per-device: the task's predictions for every eval batch, [steps, local batch, ...]."""
+
+  def predict(state, inputs):
+    variables = {"params": eval_params(state), **state.model_state}
+
+    def one(i):
+      batch = input_pipeline.take(inputs, i)
+      x = preprocess(batch["image"], dtype)
+      return task.predict(model.apply(variables, x, train=False))
+
+    return jax.lax.map(one, jnp.arange(num_steps))
+
+  return predict
+
+
+def init_state(model, tx, image_shape, seed: int, par: parallel.DataParallel,
+               ema: bool = False) -> TrainState:
   """Initializes the state on the host CPU once, then replicates it to every device."""
 
   def init():
     x = jnp.zeros((1, *image_shape), jnp.float32)
     variables = model.init({"params": jax.random.key(seed)}, x, train=False)
     params = variables.pop("params")
+    # Sown per-call values (auxiliary losses) are not state.
+    model_state = {k: v for k, v in variables.items() if k not in TRANSIENT_COLLECTIONS}
     return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                      model_state=dict(variables))
+                      model_state=model_state,
+                      ema_params=jax.tree.map(jnp.copy, params) if ema else {})
 
-  state = jax.jit(init, out_shardings=par.sharding(parallel.REPLICATED))()
-  return state
+  return jax.jit(init, out_shardings=par.sharding(parallel.REPLICATED))()
+
+
+# ------------------------------------------------------------- the experiment
+
+
+class Experiment:
+  """Everything a run is built from: data, model, task, optimizer and compiled steps.
+
+  Constructing one validates the config and loads the data but touches no workdir,
+  so `describe`, `eval`, `report` and `export` share it with training.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict,
+               par: parallel.DataParallel | None = None):
+    self.config = config
+    self.par = par = par or parallel.DataParallel()
+    validate(config, par)
+    _prepare_data_once(config, par)
+    self.spec, train_data, eval_data = datasets.load(
+        config.dataset.name, data_dir=config.dataset.data_dir,
+        manual_dir=config.dataset.manual_dir, train_split=config.dataset.train_split,
+        eval_split=config.dataset.eval_split)
+    augment.validate(config.augment, self.spec.image_shape)
+    self.pipe = input_pipeline.Pipeline(
+        train_data, eval_data, par=par, seed=config.seed, batch_size=config.batch_size,
+        eval_batch_size=config.eval_batch_size, on_device=config.dataset.on_device)
+    self.plan = make_plan(config, self.pipe.steps_per_epoch, par.devices[0].platform)
+    self.dtype = DTYPES[config.compute_dtype]
+    self.model = models.get(config.model, self.spec.num_classes, self.dtype,
+                            self.spec.image_shape)
+    self.task = tasks.get(config.task, self.spec.num_classes)
+    self.tx, self.schedule = optimizers.make(
+        config.optimizer, config.schedule, steps_per_epoch=self.plan.steps_per_epoch,
+        total_steps=self.plan.total_steps)
+    self.train_metrics = metrics_lib.train_metrics(self.task.metric_names)
+    self.eval_metrics = metrics_lib.eval_metrics(self.task.metric_names)
+    self._chunk_fn = make_train_chunk(self.model, self.tx, self.schedule, self.task, config,
+                                      self.dtype, self.plan.steps_per_dispatch,
+                                      self.train_metrics)
+    self._train_chunk = self._evaluate = self._predict = self._eval_batches = None
+
+  # ------------------------------------------------------------- state
+
+  def init_state(self) -> TrainState:
+    return init_state(self.model, self.tx, self.spec.image_shape, self.config.seed, self.par,
+                      ema=bool(self.config.ema_decay))
+
+  def checkpointer(self, workdir: str) -> checkpointing.Checkpointer:
+    return checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=self.config.keep_checkpoints,
+        best_metric=self.task.best_metric, best_mode=self.task.best_mode)
+
+  def restore(self, workdir: str, step: int | str | None = None) -> tuple[TrainState, int]:
+    """The checkpoint at `step` (an int, None/'latest' or 'best') of a run's workdir."""
+    directory = epath.Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+      raise UserError(f"There are no checkpoints in {workdir}: train it first "
+                      "(--mode=train), or pass the --workdir of a trained run.")
+    ckpt = self.checkpointer(workdir)
+    try:
+      steps = ckpt.all_steps()
+      if not steps:
+        raise UserError(f"There are no checkpoints in {workdir}: train it first "
+                        "(--mode=train), or pass the --workdir of a trained run.")
+      if step in (None, "latest"):
+        state, restored = ckpt.restore_latest(self.init_state())
+        return state, restored
+      if step == "best":
+        best = ckpt.best_step()
+        if best is None:
+          raise UserError(f"No checkpoint in {workdir} has eval metrics to pick the best by: "
+                          "pass --step=latest or a step number.")
+        step = best
+      if not isinstance(step, int) or step not in steps:
+        raise UserError(f"There is no checkpoint at step {step} in {workdir}: pass --step as "
+                        f"'latest', 'best' or one of {', '.join(map(str, steps))}.")
+      state = ckpt.restore(step, self.init_state())
+      return state, int(self.par.to_host(state.step))
+    finally:
+      ckpt.close()
+
+  # ------------------------------------------------------------- steps
+
+  def train_chunk(self, state: TrainState, start_step: int, num_steps: int):
+    """Runs steps start_step+1..start_step+num_steps; returns (state, metrics, bad step)."""
+    batches = self.pipe.train_batches(start_step, num_steps, self.plan.steps_per_dispatch)
+    if self._train_chunk is None:  # Compiled at the first chunk, with the input's specs.
+      self._train_chunk = self.par.compile(
+          self._chunk_fn, in_specs=(parallel.REPLICATED, batches.specs, parallel.REPLICATED),
+          out_specs=parallel.REPLICATED, donate_argnums=(0,))
+    return self._train_chunk(state, batches.inputs, np.int32(num_steps))
+
+  def _eval_inputs(self):
+    if self._eval_batches is None:
+      self._eval_batches = self.pipe.eval_batches()
+    b = self._eval_batches
+    return b, b.inputs["mask"].shape[0]
+
+  def evaluate(self, state: TrainState) -> dict:
+    """Exact metrics over the whole eval split: every example counted once."""
+    batches, steps = self._eval_inputs()
+    if self._evaluate is None:
+      self._evaluate = self.par.compile(
+          make_eval(self.model, self.task, self.dtype, steps, self.eval_metrics),
+          in_specs=(parallel.REPLICATED, batches.specs), out_specs=parallel.REPLICATED)
+    values = self.par.to_host(self._evaluate(state, batches.inputs)).compute()
+    out = {f"eval_{k}": float(v) for k, v in values.items() if k != "examples"}
+    out["eval_examples"] = int(values["examples"])
+    return out
+
+  def predict(self, state: TrainState, num: int | None = None) -> dict:
+    """Host arrays over the first `num` eval examples: image, label, output."""
+    batches, steps = self._eval_inputs()
+    if self._predict is None:
+      self._predict = self.par.compile(
+          make_predict(self.model, self.task, self.dtype, steps),
+          in_specs=(parallel.REPLICATED, batches.specs), out_specs=parallel.STEPS_BATCH)
+    out = self._predict(state, batches.inputs)
+    if self.par.num_processes > 1:
+      from jax.experimental import multihost_utils
+      out = multihost_utils.process_allgather(out, tiled=True)
+    out = np.asarray(out)
+    n = self.pipe.num_eval if num is None else min(num, self.pipe.num_eval)
+    out = out.reshape((-1, *out.shape[2:]))[:n]
+    return {"image": self.pipe.eval["image"][:n], "label": self.pipe.eval["label"][:n],
+            "output": out}
+
+  def eval_variables(self, state: TrainState) -> dict:
+    """Host variables for `model.apply`: the evaluated params plus the model state."""
+    return self.par.to_host({"params": eval_params(state), **state.model_state})
+
+  # ----------------------------------------------------------- measuring
+
+  def time_train_steps(self, num_steps: int = 5) -> float:
+    """Seconds per train step after compilation, from a fresh state (no workdir)."""
+    state = self.init_state()
+    state, _, _ = self.train_chunk(state, 0, 1)  # Compiles.
+    jax.block_until_ready(state)
+    t = time.perf_counter()
+    step = 1
+    while step < 1 + num_steps:
+      n = min(self.plan.steps_per_dispatch, 1 + num_steps - step)
+      state, _, _ = self.train_chunk(state, step, n)
+      step += n
+    jax.block_until_ready(state)
+    return (time.perf_counter() - t) / num_steps
+
+  def train_step_flops(self) -> float | None:
+    """XLA's FLOPs of one global train step (forward and backward, all devices)."""
+    per_device = self.config.batch_size // self.par.num_devices
+    variables = jax.eval_shape(lambda: self.model.init(
+        jax.random.key(0), jnp.zeros((1, *self.spec.image_shape)), train=False))
+    x = jax.ShapeDtypeStruct((per_device, *self.spec.image_shape), self.dtype)
+    y = jax.ShapeDtypeStruct((per_device,), jnp.int32)
+
+    def loss(variables, x, label):
+      out = self.model.apply(variables, x, train=False)
+      return jnp.mean(self.task.loss(out, {"label": label}, x)[0])
+
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(variables, x, y).compile()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+      cost = cost[0] if cost else None
+    flops = float(cost["flops"]) if cost and "flops" in cost else None
+    return flops * self.par.num_devices if flops else None
 
 
 # ------------------------------------------------------------------- the loop
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       par: parallel.DataParallel | None = None) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the summary."""
+                       par: parallel.DataParallel | None = None, progress=None) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the summary.
+
+  `progress`, if given, gets `update(step, metrics_or_None)` after every chunk and
+  `close()` at the end (e.g. a terminal progress bar).
+  """
   start_time = time.time()
-  par = par or parallel.DataParallel()
-  validate(config, par)
-  _prepare_data_once(config, par)
-  spec, train_data, eval_data = datasets.load(
-      config.dataset.name, data_dir=config.dataset.data_dir,
-      manual_dir=config.dataset.manual_dir, train_split=config.dataset.train_split,
-      eval_split=config.dataset.eval_split)
-  pipe = input_pipeline.Pipeline(
-      train_data, eval_data, par=par, seed=config.seed, batch_size=config.batch_size,
-      eval_batch_size=config.eval_batch_size, on_device=config.dataset.on_device)
-  plan = make_plan(config, pipe.steps_per_epoch, par.devices[0].platform)
-  dtype = DTYPES[config.compute_dtype]
-  model = models.get(config.model, spec.num_classes, dtype)
-  loss_fn = tasks.get(config.task, spec.num_classes)
-  tx, schedule = optimizers.make(config.optimizer, config.schedule,
-                                 steps_per_epoch=plan.steps_per_epoch,
-                                 total_steps=plan.total_steps)
+  exp = Experiment(config, par)
+  par, plan, pipe = exp.par, exp.plan, exp.pipe
   logging.info("Devices: %s; global batch %d = %d per device; %d steps (%d per epoch); "
                "data %s.", par.describe(), config.batch_size,
                config.batch_size // par.num_devices, plan.total_steps, plan.steps_per_epoch,
@@ -260,9 +513,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   workdirs.prepare(workdir, par)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=par.process_index > 0, asynchronous=True)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    keep=config.keep_checkpoints)
-  state = init_state(model, tx, spec.image_shape, config.seed, par)
+  ckpt = exp.checkpointer(workdir)
+  state = exp.init_state()
   # The newest readable checkpoint: an unreadable one is reported, moved aside and the
   # previous one used; one of another model or optimizer is a UserError.
   restored, start_step = ckpt.restore_latest(state)
@@ -272,30 +524,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   else:
     if config.init_from:  # Only for a new run: resuming continues the run's own state.
       params = checkpointing.load_params(config.init_from, state.params)
-      opt_init = jax.jit(tx.init, out_shardings=par.sharding(parallel.REPLICATED))
+      opt_init = jax.jit(exp.tx.init, out_shardings=par.sharding(parallel.REPLICATED))
       state = state.replace(params=params, opt_state=opt_init(params))
+      if jax.tree.leaves(state.ema_params):
+        state = state.replace(ema_params=params)
       logging.info("Initialized the params from %s.", config.init_from)
     workdirs.write_config(workdir, config, par)
     writer.write_hparams(workdirs.flat_config(config))
     parameter_overview.log_parameter_overview(par.to_host(state.params))
   step = int(par.to_host(state.step))
 
-  chunk_fn = make_train_chunk(model, tx, schedule, loss_fn, config, dtype,
-                              plan.steps_per_dispatch)
-  train_chunk = None  # Compiled at the first chunk, with the input layout's specs.
-  eval_batches = pipe.eval_batches()
-  eval_steps = eval_batches.inputs["mask"].shape[0]
-  evaluate_fn = par.compile(make_eval(model, loss_fn, dtype, eval_steps),
-                            in_specs=(parallel.REPLICATED, eval_batches.specs),
-                            out_specs=parallel.REPLICATED)
-
-  def evaluate(state):
-    m = par.to_host(evaluate_fn(state, eval_batches.inputs)).compute()
-    return {"eval_loss": float(m["loss"]), "eval_accuracy": float(m["accuracy"]),
-            "eval_examples": int(m["examples"])}
-
   report = periodic_actions.ReportProgress(num_train_steps=plan.total_steps, writer=writer,
                                            every_steps=config.log_every_steps)
+  best_key = exp.task.best_metric
   # Signal handlers only while training: they are put back on every way out.
   with preemption.Stopper(par, check_every=plan.log_every) as stopper:
     train_metrics = None
@@ -303,13 +544,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     eval_result = None
     while step < plan.total_steps:
       n = plan.next_stop(step) - step
-      batches = pipe.train_batches(step, n, plan.steps_per_dispatch)
-      if train_chunk is None:
-        train_chunk = par.compile(chunk_fn, in_specs=(parallel.REPLICATED, batches.specs,
-                                                      parallel.REPLICATED),
-                                  out_specs=parallel.REPLICATED, donate_argnums=(0,))
       t = time.time()
-      state, chunk_metrics, bad = train_chunk(state, batches.inputs, np.int32(n))
+      state, chunk_metrics, bad = exp.train_chunk(state, step, n)
       bad = int(par.to_host(bad))
       elapsed = time.time() - t
       if timing["first_step_s"] is None:
@@ -324,30 +560,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         report(s)
       step += n
       train_metrics = chunk_metrics if train_metrics is None else train_metrics.merge(chunk_metrics)
+      logged = None
       if step % plan.log_every == 0 or step == plan.total_steps:
         values = par.to_host(train_metrics).compute()
-        writer.write_scalars(step, {f"train_{k}": v for k, v in values.items()})
+        logged = {f"train_{k}": float(v) for k, v in values.items()}
+        writer.write_scalars(step, logged)
         train_metrics = None
+      if progress is not None:
+        progress.update(step, logged)
       eval_result = None
       if step % plan.eval_every == 0 or step == plan.total_steps:
         with report.timed("eval"):
-          eval_result = evaluate(state)
+          eval_result = exp.evaluate(state)
         writer.write_scalars(step, {k: v for k, v in eval_result.items() if k != "eval_examples"})
-        logging.info("Step %d: eval loss %.4f, accuracy %.4f (%d examples).", step,
-                     eval_result["eval_loss"], eval_result["eval_accuracy"],
-                     eval_result["eval_examples"])
+        logging.info("Step %d: %s (%d examples).", step, ", ".join(
+            f"{k[5:].replace('_', ' ')} {v:.4f}" for k, v in eval_result.items()
+            if k != "eval_examples"), eval_result["eval_examples"])
       stop = stopper.should_stop(step)
       if step % plan.checkpoint_every == 0 or step == plan.total_steps or stop:
         with report.timed("checkpoint"):
-          metrics = {checkpointing.BEST_METRIC: eval_result["eval_accuracy"]} \
-              if eval_result else None
+          metrics = {best_key: eval_result[best_key]} if eval_result else None
           ckpt.save(step, state, metrics=metrics, force=True)
       if stop:
         ckpt.wait()
         writer.flush()
+        if progress is not None:
+          progress.close()
         logging.info("Stopped at step %d after a stop signal; the checkpoint is saved: run the "
                      "same command to resume.", step)
         return {"step": step, "stopped": True}
+    if progress is not None:
+      progress.close()
 
     if timing["first_step_s"] is None:  # Finished before this invocation: nothing to do.
       ckpt.close()
@@ -355,7 +598,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logging.info("The run in %s already finished at step %d; nothing more to train.",
                    workdir, step)
       if previous is None:  # Killed after the last checkpoint, before the summary.
-        previous = {"step": step, **evaluate(state), "wall_s": time.time() - start_time,
+        previous = {"step": step, **exp.evaluate(state), "wall_s": time.time() - start_time,
                     "devices": par.num_devices, "processes": par.num_processes,
                     "batch_size": config.batch_size}
         workdirs.write_summary(workdir, previous, par)

@@ -346,8 +346,9 @@ def _flaxtrain_step_flops(config, ds, per_device_batch: int) -> float | None:
 
   from flaxtrain import models, tasks, train
 
-  model = models.get(config.model, ds.num_classes, train.DTYPES[config.compute_dtype])
-  loss_fn = tasks.get(config.task, ds.num_classes)
+  model = models.get(config.model, ds.num_classes, train.DTYPES[config.compute_dtype],
+                     ds.image_shape)
+  task = tasks.get(config.task, ds.num_classes)
   x = jax.ShapeDtypeStruct((per_device_batch, *ds.image_shape), jnp.float32)
   y = jax.ShapeDtypeStruct((per_device_batch,), jnp.int32)
   # Shapes only: compiling the initializers would cost seconds and add nothing here.
@@ -357,7 +358,7 @@ def _flaxtrain_step_flops(config, ds, per_device_batch: int) -> float | None:
 
   def loss(p, image, label):
     out = model.apply(p, image, train=False)
-    return jnp.mean(loss_fn(out, {"image": image, "label": label})[0])
+    return jnp.mean(task.loss(out, {"image": image, "label": label}, image)[0])
 
   return xla_flops(jax.jit(jax.value_and_grad(loss)).lower(params, x, y).compile())
 

@@ -45,3 +45,35 @@ def test_unknown_model_lists_valid_names():
   cfg.name = "cnnn"
   with pytest.raises(UserError, match=r"Unknown model 'cnnn' \(did you mean 'cnn'\?\).*cnn, mlp"):
     models.get(cfg, 10)
+
+
+# Every registered model, at the sizes where published counts exist: torchvision's
+# ResNets (1000 classes, RGB), WRN-28-10 on CIFAR-10 (36.5M in the paper).
+REGISTRY_COUNTS = {
+    "cnn": ({"features": (32, 64), "dense": (256,)}, 10, (28, 28, 1), 824_458),
+    "mlp": ({"hidden": (128,)}, 10, (28, 28, 1), 101_770),
+    "resnet18": ({}, 1000, (224, 224, 3), 11_689_512),
+    "resnet34": ({}, 1000, (224, 224, 3), 21_797_672),
+    "resnet50": ({}, 1000, (224, 224, 3), 25_557_032),
+    "resnet_small": ({"stage_sizes": (2, 2, 2, 2), "width": 64}, 10, (32, 32, 3), 11_173_962),
+    "wide_resnet": ({"depth": 28, "widen": 10}, 10, (32, 32, 3), 36_479_194),
+    "autoencoder": ({"encoder": (256, 128), "latent": 32, "decoder": (128, 256)}, 10,
+                    (28, 28, 1), 476_720),
+}
+
+
+def test_every_registered_model_has_a_pinned_count():
+  assert set(REGISTRY_COUNTS) == set(models.MODELS)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY_COUNTS))
+def test_registered_model_parameter_counts(name):
+  import ml_collections
+  fields, classes, shape, count = REGISTRY_COUNTS[name]
+  cfg = ml_collections.ConfigDict({"name": name, **fields})
+  model = models.get(cfg, classes, image_shape=shape)
+  x = jnp.zeros((2, *shape))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  assert _count(variables["params"]) == count
+  out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+  assert out.shape == ((2, *shape) if name == "autoencoder" else (2, classes))

@@ -2,8 +2,9 @@
 
 Every model is called as `model.apply(variables, images, train=..., rngs=...,
 mutable=...)` on float images in [0, 1] (NHWC) and returns logits (or, for
-reconstruction tasks, images). Non-param collections (e.g. `batch_stats`) live in
-`TrainState.model_state`, so models with mutable state need no loop changes.
+reconstruction tasks, pixel logits shaped like the images). Non-param collections
+(e.g. `batch_stats`) live in `TrainState.model_state`; values sown into 'losses' are
+added to the training loss.
 """
 
 from collections.abc import Callable
@@ -13,27 +14,64 @@ import jax.numpy as jnp
 import ml_collections
 
 from flaxtrain import registry
-from flaxtrain.models import simple
+from flaxtrain.errors import UserError
+from flaxtrain.models import autoencoder, resnet, simple
 
 
-def _cnn(cfg, num_classes, dtype):
+def _cnn(cfg, num_classes, dtype, image_shape):
   return simple.CNN(num_classes, features=tuple(cfg.features), dense=tuple(cfg.dense),
-                    dtype=dtype)
+                    dropout=cfg.get("dropout", 0.0), dtype=dtype)
 
 
-def _mlp(cfg, num_classes, dtype):
+def _mlp(cfg, num_classes, dtype, image_shape):
   return simple.MLP(num_classes, hidden=tuple(cfg.hidden), dtype=dtype)
+
+
+def _resnet(stage_sizes, block, stem):
+  def make(cfg, num_classes, dtype, image_shape):
+    return resnet.ResNet(num_classes, stage_sizes=stage_sizes, block=block,
+                         width=cfg.get("width", 64), stem=cfg.get("stem", stem),
+                         dropout=cfg.get("dropout", 0.0), dtype=dtype)
+  return make
+
+
+def _resnet_small(cfg, num_classes, dtype, image_shape):
+  """A ResNet of basic blocks with the 3x3 stem: `stage_sizes` and `width` from config."""
+  return resnet.ResNet(num_classes, stage_sizes=tuple(cfg.stage_sizes), block="basic",
+                       width=cfg.width, stem="small", dropout=cfg.get("dropout", 0.0),
+                       dtype=dtype)
+
+
+def _wrn(cfg, num_classes, dtype, image_shape):
+  if (cfg.depth - 4) % 6 or cfg.depth < 10:
+    raise UserError(f"model.depth must be 6n+4 (e.g. 16, 22, 28, 40) for a WideResNet, got "
+                    f"{cfg.depth}.")
+  return resnet.WideResNet(num_classes, depth=cfg.depth, widen=cfg.widen,
+                           dropout=cfg.get("dropout", 0.0), dtype=dtype)
+
+
+def _autoencoder(cfg, num_classes, dtype, image_shape):
+  return autoencoder.AutoEncoder(tuple(image_shape), encoder=tuple(cfg.encoder),
+                                 latent=cfg.latent, decoder=tuple(cfg.decoder),
+                                 activity_l1=cfg.get("activity_l1", 0.0), dtype=dtype)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn": _cnn,
     "mlp": _mlp,
+    "resnet18": _resnet((2, 2, 2, 2), "basic", "imagenet"),
+    "resnet34": _resnet((3, 4, 6, 3), "basic", "imagenet"),
+    "resnet50": _resnet((3, 4, 6, 3), "bottleneck", "imagenet"),
+    "resnet_small": _resnet_small,
+    "wide_resnet": _wrn,
+    "autoencoder": _autoencoder,
 }
 
 
-def get(cfg: ml_collections.ConfigDict, num_classes: int, dtype=jnp.float32) -> nn.Module:
+def get(cfg: ml_collections.ConfigDict, num_classes: int, dtype=jnp.float32,
+        image_shape=(28, 28, 1)) -> nn.Module:
   factory = registry.lookup(MODELS, cfg.name, "model", "model.name")
   try:
-    return factory(cfg, num_classes, dtype)
+    return factory(cfg, num_classes, dtype, image_shape)
   except (AttributeError, KeyError) as e:
     raise registry.missing_field("model", cfg.name, e) from e

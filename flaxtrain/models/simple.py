@@ -1,4 +1,4 @@
-"""The tutorials' CNN and MLP."""
+"""The tutorials' CNN (with optional dropout) and MLP."""
 
 from collections.abc import Sequence
 
@@ -12,18 +12,20 @@ class CNN(nn.Module):
   num_classes: int
   features: Sequence[int] = (32, 64)
   dense: Sequence[int] = (256,)
+  dropout: float = 0.0  # Before each dense layer.
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
-    del train  # No dropout or BatchNorm here; the signature is shared by all models.
     for f in self.features:
       x = nn.Conv(f, (3, 3), dtype=self.dtype)(x)
       x = nn.relu(x)
       x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     for d in self.dense:
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
       x = nn.relu(nn.Dense(d, dtype=self.dtype)(x))
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
 

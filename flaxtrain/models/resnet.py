@@ -1,0 +1,139 @@
+"""ResNets (He et al. 2016) and Wide ResNets (Zagoruyko & Komodakis 2016) in linen.
+
+`ResNet` follows torchvision's layout (parameter counts match it: ResNet-18 with 1000
+classes on RGB has 11,689,512), with two stems: 'imagenet' (7x7/2 conv + 3x3/2 max
+pool, for 224 px) and 'small' (one 3x3 conv, for 28-32 px images). `WideResNet` is
+the pre-activation WRN-d-k of the paper, for 32 px images.
+
+BatchNorm: in training, statistics are computed over the *global* batch (all devices,
+through the data-parallel axis), so results do not depend on the device count and
+the running averages stay identical on every device; eval uses the running averages.
+"""
+
+import functools
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from flaxtrain import parallel
+
+
+def _norm(train: bool, dtype, **kw):
+  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                           epsilon=1e-5, dtype=dtype,
+                           axis_name=parallel.AXIS if train else None, **kw)
+
+
+class BasicBlock(nn.Module):
+  filters: int
+  strides: int = 1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    norm = _norm(train, self.dtype)
+    y = conv(self.filters, (3, 3), (self.strides, self.strides), padding=1)(x)
+    y = nn.relu(norm()(y))
+    y = conv(self.filters, (3, 3), padding=1)(y)
+    y = norm(scale_init=nn.initializers.zeros)(y)  # Each block starts as the identity.
+    if x.shape != y.shape:
+      x = conv(self.filters, (1, 1), (self.strides, self.strides), name="conv_proj")(x)
+      x = norm(name="norm_proj")(x)
+    return nn.relu(x + y)
+
+
+class Bottleneck(nn.Module):
+  filters: int
+  strides: int = 1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    norm = _norm(train, self.dtype)
+    y = nn.relu(norm()(conv(self.filters, (1, 1))(x)))
+    y = conv(self.filters, (3, 3), (self.strides, self.strides), padding=1)(y)
+    y = nn.relu(norm()(y))
+    y = norm(scale_init=nn.initializers.zeros)(conv(self.filters * 4, (1, 1))(y))
+    if x.shape != y.shape:
+      x = conv(self.filters * 4, (1, 1), (self.strides, self.strides), name="conv_proj")(x)
+      x = norm(name="norm_proj")(x)
+    return nn.relu(x + y)
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+class ResNet(nn.Module):
+  num_classes: int
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  block: str = "basic"
+  width: int = 64  # Filters of the first stage; doubled at every later stage.
+  stem: str = "imagenet"  # 'imagenet' | 'small'
+  dropout: float = 0.0  # Before the classifier.
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    norm = _norm(train, self.dtype)
+    if self.stem == "imagenet":
+      x = nn.Conv(self.width, (7, 7), (2, 2), padding=3, use_bias=False, dtype=self.dtype,
+                  name="conv_init")(x)
+      x = nn.relu(norm(name="bn_init")(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    else:
+      x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, dtype=self.dtype,
+                  name="conv_init")(x)
+      x = nn.relu(norm(name="bn_init")(x))
+    block = BLOCKS[self.block]
+    for i, size in enumerate(self.stage_sizes):
+      for j in range(size):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = block(self.width * 2**i, strides, dtype=self.dtype)(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x)
+
+
+class WideBlock(nn.Module):
+  """Pre-activation block: BN-ReLU-conv3x3-BN-ReLU-dropout-conv3x3, plus the shortcut."""
+
+  filters: int
+  strides: int = 1
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    norm = _norm(train, self.dtype)
+    a = nn.relu(norm()(x))
+    y = conv(self.filters, (3, 3), (self.strides, self.strides), padding=1)(a)
+    y = nn.relu(norm()(y))
+    y = nn.Dropout(self.dropout, deterministic=not train)(y)
+    y = conv(self.filters, (3, 3), padding=1)(y)
+    if x.shape != y.shape:
+      x = conv(self.filters, (1, 1), (self.strides, self.strides), name="conv_proj")(a)
+    return x + y
+
+
+class WideResNet(nn.Module):
+  num_classes: int
+  depth: int = 28  # 6n + 4
+  widen: int = 10
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    n = (self.depth - 4) // 6
+    x = nn.Conv(16, (3, 3), padding=1, use_bias=False, dtype=self.dtype, name="conv_init")(x)
+    for i, width in enumerate((16, 32, 64)):
+      for j in range(n):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = WideBlock(width * self.widen, strides, self.dropout, dtype=self.dtype)(x, train)
+    x = nn.relu(_norm(train, self.dtype)()(x))
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x)

@@ -1,0 +1,253 @@
+"""BatchNorm, EMA, gradient accumulation, bfloat16, augmentation, auxiliary losses and
+the reconstruction task, on 4 fake CPU devices and synthetic data."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from conftest import load_config, tiny_config
+
+from flaxtrain import augment, parallel, train
+from flaxtrain.errors import UserError
+
+
+def _small_resnet(**overrides):
+  c = tiny_config(**overrides)
+  c.model = ml_collections.ConfigDict(dict(name="resnet_small", stage_sizes=(1, 1), width=8,
+                                           dropout=0.0, stem="small"))
+  return c
+
+
+def _run(exp, steps, state=None):
+  """Trains `steps` single steps from `state` (default: fresh); returns the states."""
+  state = exp.init_state() if state is None else state
+  states = []
+  for s in range(steps):
+    state, _, bad = exp.train_chunk(state, s, 1)
+    assert int(exp.par.to_host(bad)) < 0
+    states.append(exp.par.to_host(state))
+  return state, states
+
+
+def _max_diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+# ---------------------------------------------------------------- BatchNorm
+
+
+def test_batch_stats_are_updated_in_training_and_used_in_eval(synthetic_data):
+  exp = train.Experiment(_small_resnet())
+  fresh = exp.init_state()
+  init_stats = exp.par.to_host(fresh.model_state["batch_stats"])
+  state, _ = _run(exp, 5, fresh)
+  stats = exp.par.to_host(state.model_state["batch_stats"])
+  assert _max_diff(stats, init_stats) > 1e-3  # Running averages moved.
+  with_stats = exp.evaluate(state)
+  reset = state.replace(model_state={"batch_stats": exp.par.replicate(init_stats)})
+  assert with_stats["eval_loss"] != pytest.approx(exp.evaluate(reset)["eval_loss"], rel=1e-3)
+
+
+def test_batchnorm_training_does_not_depend_on_the_device_count(synthetic_data):
+  """Statistics over the global batch: 1 device and 4 devices take the same steps."""
+  c = _small_resnet()
+  four = train.Experiment(c)
+  one = train.Experiment(c, parallel.DataParallel(jax.devices()[:1]))
+  _, s4 = _run(four, 3)
+  _, s1 = _run(one, 3)
+  assert _max_diff(s4[-1].params, s1[-1].params) < 1e-4
+  assert _max_diff(s4[-1].model_state, s1[-1].model_state) < 1e-4
+
+
+# ---------------------------------------------------------------------- EMA
+
+
+def test_ema_follows_the_decay_recursion_and_is_evaluated(synthetic_data):
+  c = tiny_config(ema_decay=0.9)
+  exp = train.Experiment(c)
+  fresh = exp.init_state()
+  ema = exp.par.to_host(fresh.params)
+  state, states = _run(exp, 4, fresh)
+  for step, s in enumerate(states):
+    d = min(0.9, (1 + step) / (10 + step))
+    ema = jax.tree.map(lambda e, p, d=d: d * e + (1 - d) * p, ema, s.params)
+  assert _max_diff(ema, states[-1].ema_params) < 1e-6
+  assert _max_diff(states[-1].params, states[-1].ema_params) > 1e-4
+  # Eval uses the EMA, not the raw params.
+  assert exp.evaluate(state) == exp.evaluate(state.replace(params=state.ema_params))
+  assert exp.eval_variables(state)["params"] is not None
+  assert _max_diff(exp.eval_variables(state)["params"], states[-1].ema_params) == 0
+
+
+def test_ema_is_saved_and_restored_with_the_checkpoint(synthetic_data, tmp_path):
+  c = tiny_config(ema_decay=0.9, num_epochs=1)
+  train.train_and_evaluate(c, str(tmp_path))
+  exp = train.Experiment(c)
+  state, step = exp.restore(str(tmp_path))
+  assert step == 32
+  host = exp.par.to_host(state)
+  assert _max_diff(host.params, host.ema_params) > 1e-4
+
+
+# ------------------------------------------------------ gradient accumulation
+
+
+def test_gradient_accumulation_equals_one_big_batch(synthetic_data):
+  one = train.Experiment(tiny_config())
+  accumulated = train.Experiment(tiny_config(grad_accum_steps=4))
+  _, a = _run(one, 3)
+  _, b = _run(accumulated, 3)
+  assert _max_diff(a[-1].params, b[-1].params) < 2e-5
+
+
+def test_gradient_accumulation_must_divide_the_per_device_batch(synthetic_data):
+  with pytest.raises(UserError, match="grad_accum_steps 3 does not divide the per-device"):
+    train.Experiment(tiny_config(grad_accum_steps=3))
+
+
+# ----------------------------------------------------------------- bfloat16
+
+
+def test_bfloat16_trains_stays_finite_and_keeps_float32_state(synthetic_data):
+  exp = train.Experiment(_small_resnet(compute_dtype="bfloat16"))
+  state = exp.init_state()
+  before = exp.evaluate(state)["eval_loss"]
+  state, states = _run(exp, 20, state)
+  after = exp.evaluate(state)
+  assert np.isfinite(after["eval_loss"]) and after["eval_loss"] < before
+  for leaf in jax.tree.leaves((states[-1].params, states[-1].opt_state,
+                               states[-1].model_state)):
+    assert leaf.dtype in (np.float32, np.int32), leaf.dtype
+
+
+# ------------------------------------------------------------- augmentation
+
+
+def _aug_cfg(**kw):
+  return ml_collections.ConfigDict({"crop_padding": 0, "flip": False, "erase_prob": 0.0, **kw})
+
+
+def test_augmentation_is_per_example_and_independent_of_the_device_split():
+  images = jnp.asarray(np.random.default_rng(0).random((8, 28, 28, 1)), jnp.float32)
+  cfg = _aug_cfg(crop_padding=4, flip=True, erase_prob=0.5)
+  key = jax.random.key(3)
+  whole = augment.apply(images, key, 0, cfg)
+  halves = jnp.concatenate([augment.apply(images[:4], key, 0, cfg),
+                            augment.apply(images[4:], key, 4, cfg)])
+  np.testing.assert_array_equal(whole, halves)
+  assert not np.allclose(whole, images)
+  assert not np.allclose(augment.apply(images, jax.random.key(4), 0, cfg), whole)
+
+
+def test_flip_mirrors_and_crop_shifts():
+  image = jnp.arange(28 * 28, dtype=jnp.float32).reshape(1, 28, 28, 1)
+  images = jnp.repeat(image, 64, 0)
+  flipped = augment.apply(images, jax.random.key(0), 0, _aug_cfg(flip=True))
+  mirrored = [bool(jnp.all(f == image[0, :, ::-1])) for f in flipped]
+  kept = [bool(jnp.all(f == image[0])) for f in flipped]
+  assert all(m or k for m, k in zip(mirrored, kept, strict=True))
+  assert 10 < sum(mirrored) < 54
+  cropped = augment.apply(images, jax.random.key(0), 0, _aug_cfg(crop_padding=2))
+  # Every crop is the image shifted by at most 2 pixels: the centre survives somewhere.
+  centre = image[0, 10:18, 10:18]
+  for c in cropped:
+    found = any(bool(jnp.all(c[10 + dy:18 + dy, 10 + dx:18 + dx] == centre))
+                for dy in range(-2, 3) for dx in range(-2, 3))
+    assert found
+  assert sum(bool(jnp.all(c == image[0])) for c in cropped) < 16
+
+
+def test_augmented_training_is_identical_on_one_and_four_devices(synthetic_data):
+  c = tiny_config(**{"augment.crop_padding": 2, "augment.flip": True,
+                     "augment.erase_prob": 0.5})
+  _, s4 = _run(train.Experiment(c), 3)
+  _, s1 = _run(train.Experiment(c, parallel.DataParallel(jax.devices()[:1])), 3)
+  assert _max_diff(s4[-1].params, s1[-1].params) < 1e-5
+
+
+def test_bad_augmentation_settings_are_one_sentence(synthetic_data):
+  with pytest.raises(UserError, match="augment.crop_padding must be an integer"):
+    train.Experiment(tiny_config(**{"augment.crop_padding": 40}))
+
+
+# ---------------------------------------------- reconstruction and aux losses
+
+
+def _autoencoder_config(**overrides):
+  c = load_config("fashion_autoencoder")
+  c.batch_size = 64
+  c.eval_batch_size = 128
+  c.num_epochs = 2
+  c.log_every_steps = 8
+  c.model.encoder = (64,)
+  c.model.decoder = (64,)
+  c.model.latent = 8
+  for k, v in overrides.items():
+    c.model[k] = v
+  return c
+
+
+def test_autoencoder_loss_falls_and_reports_reconstruction_error(synthetic_data, tmp_path):
+  c = _autoencoder_config()
+  exp = train.Experiment(c)
+  before = exp.evaluate(exp.init_state())
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  # BCE against grey levels has a floor (their entropy): the squared error shows the fall.
+  assert summary["eval_loss"] < before["eval_loss"]
+  assert summary["eval_mse"] < 0.8 * before["eval_mse"], (before, summary)
+  assert "eval_accuracy" not in summary
+  pred = train.Experiment(c).predict(train.Experiment(c).restore(str(tmp_path))[0], num=5)
+  assert pred["output"].shape == (5, 28, 28, 1)
+  assert 0.0 <= pred["output"].min() and pred["output"].max() <= 1.0
+
+
+def test_encoder_and_decoder_are_callable_apart(synthetic_data):
+  c = _autoencoder_config()
+  exp = train.Experiment(c)
+  variables = exp.eval_variables(exp.init_state())
+  x = jnp.zeros((3, 28, 28, 1))
+  z = exp.model.apply(variables, x, method=exp.model.encode)
+  assert z.shape == (3, 8)
+  out = exp.model.apply(variables, z, method=exp.model.decode)
+  np.testing.assert_allclose(out, exp.model.apply(variables, x), rtol=1e-6)
+
+
+def test_an_auxiliary_loss_adds_its_gradient(synthetic_data):
+  """One SGD step (lr 1): the update changes by exactly -grad(aux loss)."""
+  lam = 0.01
+
+  def step_params(activity_l1):
+    c = _autoencoder_config(activity_l1=activity_l1)
+    c.optimizer.name, c.optimizer.momentum, c.optimizer.weight_decay = "sgd", 0.0, 0.0
+    c.optimizer.learning_rate, c.schedule.name = 1.0, "constant"
+    exp = train.Experiment(c)
+    state = exp.init_state()
+    params0 = exp.par.to_host(state.params)
+    state, metrics, _ = exp.train_chunk(state, 0, 1)
+    values = exp.par.to_host(metrics).compute()
+    return exp, params0, exp.par.to_host(state.params), values
+
+  exp, p0, plain, plain_metrics = step_params(0.0)
+  _, _, with_aux, aux_metrics = step_params(lam)
+  assert plain_metrics["aux_loss"] == 0.0 and aux_metrics["aux_loss"] > 0.0
+  idx = exp.pipe.train_indices(0, 1, 1)[0]
+  x = train.preprocess(exp.pipe.train["image"][idx])
+
+  def aux(params):
+    z = exp.model.apply({"params": params}, x, method=exp.model.encode)
+    return lam * jnp.mean(jnp.sum(jnp.abs(z), -1))
+
+  expected = jax.grad(aux)(p0)
+  delta = jax.tree.map(lambda a, b: b - a, plain, with_aux)
+  assert _max_diff(delta, jax.tree.map(lambda g: -g, expected)) < 1e-5
+  assert _max_diff(expected, jax.tree.map(jnp.zeros_like, expected)) > 1e-4
+  assert aux_metrics["aux_loss"] == pytest.approx(float(aux(p0)), rel=1e-4)
+
+
+def test_top5_accuracy_is_reported_for_ten_classes(synthetic_data):
+  exp = train.Experiment(tiny_config())
+  result = exp.evaluate(exp.init_state())
+  assert {"eval_loss", "eval_accuracy", "eval_top5_accuracy", "eval_examples"} <= set(result)
+  assert result["eval_top5_accuracy"] >= result["eval_accuracy"]
