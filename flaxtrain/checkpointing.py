@@ -332,15 +332,57 @@ class _DropReadOnlyNotes(logging_std.Filter):
     return "read only" not in str(record.msg) and "read_only" not in str(record.msg)
 
 
-def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+def _read_only_manager(directory: str, **options) -> ocp.CheckpointManager:
   note_filter = _DropReadOnlyNotes()
   absl_logger = logging_std.getLogger("absl")
   absl_logger.addFilter(note_filter)
   try:
-    return _Manager(
-        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    return _Manager(directory, options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False, **options))
   finally:
     absl_logger.removeFilter(note_filter)
+
+
+def read(directory: str, target, step: int | str | None = None, *,
+         best_metric: str = BEST_METRIC, best_mode: str = "max"):
+  """Restores `step` (an int, None/'latest' or 'best') of `directory` into `target`.
+
+  Read-only, for looking at a run (eval, report, export) that may still be training:
+  nothing in `directory` is created, cleaned up or moved. 'latest' falls back past
+  unreadable checkpoints with a warning. Returns `(state, step)`.
+  """
+  if not epath.Path(directory).is_dir():
+    raise UserError(f"There are no checkpoints in {directory}: train the run first "
+                    "(--mode=train), or pass the --workdir of a trained run.")
+  manager = _read_only_manager(directory, best_fn=_score_fn(best_metric, best_mode),
+                               best_mode="max")
+  try:
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise UserError(f"There are no checkpoints in {directory}: train the run first "
+                      "(--mode=train), or pass the --workdir of a trained run.")
+    if step in (None, "latest"):
+      candidates = steps
+    elif step == "best":
+      best = manager.best_step()
+      if best is None:
+        raise UserError(f"No checkpoint in {directory} has eval metrics to pick the best "
+                        "by: pass --step=latest or a step number.")
+      candidates = [best]
+    elif isinstance(step, int) and step in steps:
+      candidates = [step]
+    else:
+      raise UserError(f"There is no checkpoint at step {step} in {directory}: pass --step as "
+                      f"'latest', 'best' or one of {', '.join(map(str, steps))}.")
+    tree = flax.serialization.to_state_dict(target)
+    restored, got, failed = _read_newest(manager, directory, candidates, tree,
+                                         where=directory)
+  finally:
+    manager.close()
+  if restored is None:
+    raise UserError(f"The checkpoint at step {failed[0][0]} in {directory} cannot be read "
+                    f"({failed[0][1]}): pass another --step.")
+  return flax.serialization.from_state_dict(target, restored), got
 
 
 # ------------------------------------------------------------------- reading

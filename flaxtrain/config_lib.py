@@ -101,10 +101,14 @@ def mlp_model(hidden=(128,)) -> ml_collections.ConfigDict:
 
 
 def resnet_model(name="resnet18", stage_sizes=(2, 2, 2, 2), width=64, dropout=0.0,
-                 stem="imagenet") -> ml_collections.ConfigDict:
-  """resnet18/34/50 (stage_sizes fixed by the name) or resnet_small (3x3 stem)."""
+                 stem="imagenet", stage_strides=()) -> ml_collections.ConfigDict:
+  """resnet18/34/50 (stages fixed by the name) or resnet_small (3x3 stem, stages given).
+
+  stage_strides: stride of each stage's first block; () for (1, 2, 2, ...).
+  """
   return ml_collections.ConfigDict(dict(name=name, stage_sizes=stage_sizes, width=width,
-                                        dropout=dropout, stem=stem))
+                                        dropout=dropout, stem=stem,
+                                        stage_strides=stage_strides))
 
 
 def wide_resnet_model(depth=28, widen=10, dropout=0.0) -> ml_collections.ConfigDict:

@@ -32,7 +32,13 @@ def _define_config_flag():
       "field with --config.a.b=value.", lock_config=True)
 
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config file stem>).")
-flags.DEFINE_enum("mode", "train", ["train"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "describe", "eval", "report", "export"],
+                  "train: train (or resume) in --workdir; describe: print what the config "
+                  "would train and how fast, writing nothing; eval: evaluate a checkpoint "
+                  "into <workdir>/eval_<step>.json; report: pictures and report.md under "
+                  "<workdir>/report/; export: <workdir>/export/ for serving.")
+flags.DEFINE_string("step", "latest", "The checkpoint that eval, report and export use: "
+                    "'latest', 'best' (by the task's eval metric) or a step number.")
 flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
 flags.DEFINE_string("coordinator_address", os.environ.get("FLAXTRAIN_COORDINATOR_ADDRESS"),
                     "HOST:PORT of process 0, for multi-process runs "
@@ -108,18 +114,71 @@ def _cpu_devices_default(batch_size: int):
       f"{flags_env} --xla_force_host_platform_device_count={max(fits)}".strip())
 
 
+def _checkpoint_step(text: str) -> int | str:
+  if text in ("latest", "best"):
+    return text
+  if text.isdigit():
+    return int(text)
+  raise UserError(f"--step={text} is not a checkpoint: pass --step=latest, --step=best or a "
+                  "step number.")
+
+
 def _run():
+  step = _checkpoint_step(FLAGS.step)
+  if FLAGS["step"].present and FLAGS.mode not in _READ_RUN:
+    raise UserError(f"--step is for --mode=eval, report and export, not --mode={FLAGS.mode}: "
+                    "drop it.")
+  workdir = FLAGS.workdir or os.path.join("runs", pathlib.Path(_config_path()).stem)
+  if FLAGS.mode in _READ_RUN:  # Fail before JAX starts or any data is loaded.
+    from flaxtrain import evaluate, report
+
+    evaluate.check_run(workdir, step)
+    if FLAGS.mode == "report":
+      report.event_files(workdir)
   if isinstance(FLAGS.config.batch_size, int) and FLAGS.config.batch_size > 0:
     _cpu_devices_default(FLAGS.config.batch_size)
   from flaxtrain import distributed  # Imports jax: after flags, so errors stay short.
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.initialization_timeout)
+  if FLAGS.mode == "train":
+    _train(FLAGS.config, workdir)
+    return
   from flaxtrain import train
 
-  config = FLAGS.config
-  workdir = FLAGS.workdir or os.path.join("runs", pathlib.Path(_config_path()).stem)
-  summary = train.train_and_evaluate(config, workdir)
-  if "eval_accuracy" in summary:
+  exp = train.Experiment(FLAGS.config)
+  text = _mode(exp, workdir, step)
+  if exp.par.process_index == 0:
+    print(text, flush=True)
+
+
+def _mode(exp, workdir: str, step: int | str) -> str:
+  """Runs --mode (other than train) on `exp`; returns what to print."""
+  from flaxtrain import describe, evaluate, export, report
+
+  if FLAGS.mode == "describe":
+    defaults = config_check.load_config_file(_config_path())
+    return describe.describe(exp, defaults, _config_path())
+  if FLAGS.mode == "eval":
+    return evaluate.summary_line(*evaluate.run(exp, workdir, step), workdir)
+  if FLAGS.mode == "report":
+    return f"flaxtrain: report in {report.run(exp, workdir, step) / 'report.md'}"
+  return f"flaxtrain: exported to {export.run(exp, workdir, step)}"
+
+
+_READ_RUN = ("eval", "report", "export")
+
+
+def _train(config, workdir: str):
+  import jax
+
+  from flaxtrain import progress, train
+
+  bar = progress.Progress(process_index=jax.process_index())
+  try:
+    summary = train.train_and_evaluate(config, workdir, progress=bar)
+  finally:
+    bar.close()
+  if "eval_examples" in summary:  # Not after a stop signal.
     print(_summary_line(summary, workdir), flush=True)
 
 
@@ -128,18 +187,20 @@ def _config_path() -> str:
 
 
 def _summary_line(s: dict, workdir: str) -> str:
+  from flaxtrain import evaluate
+
   speed = s.get("train_examples_per_sec")
   speed = f"{speed:,.0f} train examples/s" if speed else "no steps trained"
-  return (f"flaxtrain: step {s['step']}: eval accuracy {s['eval_accuracy']:.4f}, eval loss "
-          f"{s['eval_loss']:.4f} on {s['eval_examples']} examples; {speed}; "
+  return (f"flaxtrain: step {s['step']}: {evaluate.metrics_text(s)} on {s['eval_examples']} "
+          f"examples; {speed}; "
           f"{s['wall_s']:.1f} s wall; summary in {os.path.join(workdir, 'summary.json')}")
 
 
 class _QuietLibraries(logging_std.Filter):
-  """Drops the INFO chatter of Orbax and TFDS (kept with --verbose)."""
+  """Drops the INFO chatter of Orbax, TFDS and TF (kept with --verbose)."""
 
   def filter(self, record):
-    noisy = ("/orbax/", "/tensorflow_datasets/")
+    noisy = ("/orbax/", "/tensorflow_datasets/", "/tensorflow/")
     return record.levelno >= logging_std.WARNING or not any(
         n in record.pathname for n in noisy)
 

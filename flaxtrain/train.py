@@ -19,7 +19,6 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
-from etils import epath
 
 from flaxtrain import (
   augment,
@@ -377,33 +376,12 @@ class Experiment:
         best_metric=self.task.best_metric, best_mode=self.task.best_mode)
 
   def restore(self, workdir: str, step: int | str | None = None) -> tuple[TrainState, int]:
-    """The checkpoint at `step` (an int, None/'latest' or 'best') of a run's workdir."""
-    directory = epath.Path(workdir) / "checkpoints"
-    if not directory.is_dir():
-      raise UserError(f"There are no checkpoints in {workdir}: train it first "
-                      "(--mode=train), or pass the --workdir of a trained run.")
-    ckpt = self.checkpointer(workdir)
-    try:
-      steps = ckpt.all_steps()
-      if not steps:
-        raise UserError(f"There are no checkpoints in {workdir}: train it first "
-                        "(--mode=train), or pass the --workdir of a trained run.")
-      if step in (None, "latest"):
-        state, restored = ckpt.restore_latest(self.init_state())
-        return state, restored
-      if step == "best":
-        best = ckpt.best_step()
-        if best is None:
-          raise UserError(f"No checkpoint in {workdir} has eval metrics to pick the best by: "
-                          "pass --step=latest or a step number.")
-        step = best
-      if not isinstance(step, int) or step not in steps:
-        raise UserError(f"There is no checkpoint at step {step} in {workdir}: pass --step as "
-                        f"'latest', 'best' or one of {', '.join(map(str, steps))}.")
-      state = ckpt.restore(step, self.init_state())
-      return state, int(self.par.to_host(state.step))
-    finally:
-      ckpt.close()
+    """The checkpoint at `step` (an int, None/'latest' or 'best') of a run's workdir.
+
+    Read-only: safe on a run that is still training in that workdir.
+    """
+    return checkpointing.read(os.path.join(workdir, "checkpoints"), self.init_state(), step,
+                              best_metric=self.task.best_metric, best_mode=self.task.best_mode)
 
   # ------------------------------------------------------------- steps
 
@@ -498,8 +476,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        par: parallel.DataParallel | None = None, progress=None) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the summary.
 
-  `progress`, if given, gets `update(step, metrics_or_None)` after every chunk and
-  `close()` at the end (e.g. a terminal progress bar).
+  `progress`, if given, gets `start(total_steps=, steps_per_epoch=, batch_size=)`,
+  `update(step, metrics_or_None)` after every chunk and `close()` at the end (e.g. a
+  terminal progress bar).
   """
   start_time = time.time()
   exp = Experiment(config, par)
@@ -508,6 +487,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                "data %s.", par.describe(), config.batch_size,
                config.batch_size // par.num_devices, plan.total_steps, plan.steps_per_epoch,
                "on device" if pipe.on_device else "gathered on host")
+  if progress is not None:
+    progress.start(total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch,
+                   batch_size=config.batch_size)
 
   # Everything the user can get wrong has been checked: only now touch the workdir.
   workdirs.prepare(workdir, par)
@@ -540,27 +522,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # Signal handlers only while training: they are put back on every way out.
   with preemption.Stopper(par, check_every=plan.log_every) as stopper:
     train_metrics = None
-    timing = {"steady_s": 0.0, "steady_steps": 0, "first_step_s": None, "compile_s": None}
+    timing = {"first_step_s": None, "compile_s": None, "steady_start": None, "steady_steps": 0,
+              "paused_s": 0.0}
     eval_result = None
+    # The non-finite flag of the chunk before this one: checked after the next chunk is
+    # dispatched, so the host never waits for the device inside the loop (at most two
+    # chunks in flight). A bad chunk is never saved: every save checks first.
+    unchecked = None
+
+    def check(chunk):
+      if chunk is not None:
+        bad, chunk_metrics = chunk
+        bad = int(par.to_host(bad))
+        if bad >= 0:
+          _fail_nonfinite(bad, par.to_host(chunk_metrics).compute(), ckpt, writer)
+
     while step < plan.total_steps:
       n = plan.next_stop(step) - step
       t = time.time()
       state, chunk_metrics, bad = exp.train_chunk(state, step, n)
-      bad = int(par.to_host(bad))
-      elapsed = time.time() - t
-      if timing["first_step_s"] is None:
+      check(unchecked)
+      unchecked = (bad, chunk_metrics)
+      if timing["first_step_s"] is None:  # The first chunk compiles: time it alone.
+        check(unchecked)
+        unchecked = None
         timing["first_step_s"] = time.time() - start_time
-        timing["compile_s"] = elapsed
+        timing["compile_s"] = time.time() - t
+        timing["steady_start"] = time.time()
       else:
-        timing["steady_s"] += elapsed
         timing["steady_steps"] += n
-      if bad >= 0:
-        _fail_nonfinite(bad, par.to_host(chunk_metrics).compute(), ckpt, writer)
       for s in range(step + 1, step + n + 1):  # ReportProgress wants every step.
         report(s)
       step += n
       train_metrics = chunk_metrics if train_metrics is None else train_metrics.merge(chunk_metrics)
       logged = None
+      stop = stopper.should_stop(step)
+      if (step % plan.log_every == 0 or step == plan.total_steps or stop
+          or step % plan.eval_every == 0 or step % plan.checkpoint_every == 0):
+        check(unchecked)  # Before anything is logged, evaluated or saved.
+        unchecked = None
       if step % plan.log_every == 0 or step == plan.total_steps:
         values = par.to_host(train_metrics).compute()
         logged = {f"train_{k}": float(v) for k, v in values.items()}
@@ -569,6 +569,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if progress is not None:
         progress.update(step, logged)
       eval_result = None
+      paused = time.time()
       if step % plan.eval_every == 0 or step == plan.total_steps:
         with report.timed("eval"):
           eval_result = exp.evaluate(state)
@@ -576,11 +577,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         logging.info("Step %d: %s (%d examples).", step, ", ".join(
             f"{k[5:].replace('_', ' ')} {v:.4f}" for k, v in eval_result.items()
             if k != "eval_examples"), eval_result["eval_examples"])
-      stop = stopper.should_stop(step)
       if step % plan.checkpoint_every == 0 or step == plan.total_steps or stop:
         with report.timed("checkpoint"):
           metrics = {best_key: eval_result[best_key]} if eval_result else None
           ckpt.save(step, state, metrics=metrics, force=True)
+      timing["paused_s"] += time.time() - paused
       if stop:
         ckpt.wait()
         writer.flush()
@@ -589,6 +590,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         logging.info("Stopped at step %d after a stop signal; the checkpoint is saved: run the "
                      "same command to resume.", step)
         return {"step": step, "stopped": True}
+    timing["train_end"] = time.time()
     if progress is not None:
       progress.close()
 
@@ -606,8 +608,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ckpt.wait()
     ckpt.close()
     writer.flush()
-    steady = timing["steady_steps"] * config.batch_size / timing["steady_s"] \
-        if timing["steady_s"] else None
+    # Train throughput after the first (compiling) chunk, eval and checkpoint time excluded.
+    steady_s = timing["train_end"] - timing["steady_start"] - timing["paused_s"]
+    steady = timing["steady_steps"] * config.batch_size / steady_s \
+        if timing["steady_steps"] else None
     summary = {
         "step": step, **eval_result, "train_examples_per_sec": steady,
         "wall_s": time.time() - start_time, "time_to_first_step_s": timing["first_step_s"],

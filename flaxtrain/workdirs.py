@@ -5,6 +5,7 @@ storage: otherwise checkpoints would be written in pieces and a pod would hang a
 first save (as the Flax ImageNet example does, flax issue 3364).
 """
 
+import contextlib
 import json
 import secrets
 
@@ -69,7 +70,7 @@ def flat_config(config) -> dict:
   return out
 
 
-def _atomic_write(path: epath.Path, text: str):
+def atomic_write(path: epath.Path, text: str):
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text(text)
   # replace, not rename (which refuses an existing file): a rerun after a kill before the
@@ -79,16 +80,39 @@ def _atomic_write(path: epath.Path, text: str):
 
 def write_config(workdir: str, config, par):
   if par.process_index == 0:
-    _atomic_write(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=2))
+    atomic_write(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=2))
 
 
 def write_summary(workdir: str, summary: dict, par):
   if par.process_index == 0:
     path = epath.Path(workdir) / "summary.json"
-    _atomic_write(path, json.dumps(summary, indent=2))
+    atomic_write(path, json.dumps(summary, indent=2))
     logging.info("Wrote %s", path)
 
 
 def read_summary(workdir: str) -> dict | None:
   path = epath.Path(workdir) / "summary.json"
   return json.loads(path.read_text()) if path.exists() else None
+
+
+@contextlib.contextmanager
+def staged_dir(path):
+  """Yields an empty sibling directory to fill; it replaces `path` only if the block succeeds.
+
+  A failure halfway leaves `path` as it was (a previous export or report stays whole).
+  """
+  final = epath.Path(path)
+  tmp = final.parent / f".{final.name}.tmp"
+  old = final.parent / f".{final.name}.old"
+  tmp.rmtree(missing_ok=True)
+  tmp.mkdir(parents=True)
+  try:
+    yield tmp
+  except BaseException:
+    tmp.rmtree(missing_ok=True)
+    raise
+  old.rmtree(missing_ok=True)
+  if final.exists():
+    final.rename(old)
+  tmp.rename(final)
+  old.rmtree(missing_ok=True)

@@ -37,9 +37,11 @@ def _resnet(stage_sizes, block, stem):
 
 def _resnet_small(cfg, num_classes, dtype, image_shape):
   """A ResNet of basic blocks with the 3x3 stem: `stage_sizes` and `width` from config."""
+  strides = cfg.get("stage_strides", None)
   return resnet.ResNet(num_classes, stage_sizes=tuple(cfg.stage_sizes), block="basic",
-                       width=cfg.width, stem="small", dropout=cfg.get("dropout", 0.0),
-                       dtype=dtype)
+                       width=cfg.width, stem="small",
+                       stage_strides=tuple(strides) if strides else None,
+                       dropout=cfg.get("dropout", 0.0), dtype=dtype)
 
 
 def _wrn(cfg, num_classes, dtype, image_shape):

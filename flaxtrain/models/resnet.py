@@ -72,6 +72,9 @@ class ResNet(nn.Module):
   block: str = "basic"
   width: int = 64  # Filters of the first stage; doubled at every later stage.
   stem: str = "imagenet"  # 'imagenet' | 'small'
+  # Stride of each stage's first block; default (1, 2, 2, ...). (2, 2, 2) on 28 px images
+  # works at 14, 7 and 4 px: the FLOPs of (1, 2, 2) at twice the width, faster on CPUs.
+  stage_strides: Sequence[int] | None = None
   dropout: float = 0.0  # Before the classifier.
   dtype: jnp.dtype = jnp.float32
 
@@ -88,9 +91,10 @@ class ResNet(nn.Module):
                   name="conv_init")(x)
       x = nn.relu(norm(name="bn_init")(x))
     block = BLOCKS[self.block]
+    stage_strides = self.stage_strides or [1] + [2] * (len(self.stage_sizes) - 1)
     for i, size in enumerate(self.stage_sizes):
       for j in range(size):
-        strides = 2 if i > 0 and j == 0 else 1
+        strides = stage_strides[i] if j == 0 else 1
         x = block(self.width * 2**i, strides, dtype=self.dtype)(x, train)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)

@@ -6,6 +6,15 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 
+def avg_pool_2x2(x):
+  """nn.avg_pool(x, (2, 2), strides=(2, 2)) as a reshape and mean: the same values, but
+  its gradient is a broadcast instead of a windowed scatter (~7x faster on XLA:CPU)."""
+  b, h, w, c = x.shape
+  if h % 2 or w % 2:
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+  return x.reshape((b, h // 2, 2, w // 2, 2, c)).mean(axis=(2, 4))
+
+
 class CNN(nn.Module):
   """Conv 3x3 -> relu -> avg_pool 2x2 per entry of `features`, then dense layers."""
 
@@ -20,7 +29,7 @@ class CNN(nn.Module):
     for f in self.features:
       x = nn.Conv(f, (3, 3), dtype=self.dtype)(x)
       x = nn.relu(x)
-      x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+      x = avg_pool_2x2(x)
     x = x.reshape((x.shape[0], -1))
     for d in self.dense:
       x = nn.Dropout(self.dropout, deterministic=not train)(x)

