@@ -7,8 +7,11 @@ sigmoid gives the image), binary cross-entropy against the pixel intensities, wi
 small L1 activity penalty on the code sown into the 'losses' collection (logged as
 train_aux_loss). Eval reports the loss and the mean squared error per pixel.
 
-Measured: see the end of this docstring once run (flaxtrain --mode=report shows the
-originals next to their reconstructions).
+Measured (2026-11-22, 2-core x86 CPU, 2 JAX CPU devices, jax 0.10.2, with another
+training run sharing the cores): after 20 epochs (4,680 steps) eval BCE 0.2687 and
+mean squared error 0.0083 per pixel (10,000 test images); 175 s wall. `flaxtrain
+--mode=report` puts originals next to their reconstructions in
+report/reconstructions.png (README: docs/images/report_reconstructions.png).
 """
 
 from flaxtrain import config_lib

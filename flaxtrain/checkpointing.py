@@ -351,6 +351,7 @@ def read(directory: str, target, step: int | str | None = None, *,
   nothing in `directory` is created, cleaned up or moved. 'latest' falls back past
   unreadable checkpoints with a warning. Returns `(state, step)`.
   """
+  directory = _abspath(directory)
   if not epath.Path(directory).is_dir():
     raise UserError(f"There are no checkpoints in {directory}: train the run first "
                     "(--mode=train), or pass the --workdir of a trained run.")

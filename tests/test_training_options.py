@@ -81,11 +81,13 @@ def test_ema_follows_the_decay_recursion_and_is_evaluated(synthetic_data):
   assert _max_diff(exp.eval_variables(state)["params"], states[-1].ema_params) == 0
 
 
-def test_ema_is_saved_and_restored_with_the_checkpoint(synthetic_data, tmp_path):
+def test_ema_is_saved_and_restored_with_the_checkpoint(synthetic_data, tmp_path,
+                                                        monkeypatch):
   c = tiny_config(ema_decay=0.9, num_epochs=1)
-  train.train_and_evaluate(c, str(tmp_path))
+  train.train_and_evaluate(c, str(tmp_path / "run"))
   exp = train.Experiment(c)
-  state, step = exp.restore(str(tmp_path))
+  monkeypatch.chdir(tmp_path)  # A relative workdir, as users type it.
+  state, step = exp.restore("run")
   assert step == 32
   host = exp.par.to_host(state)
   assert _max_diff(host.params, host.ema_params) > 1e-4
@@ -251,3 +253,31 @@ def test_top5_accuracy_is_reported_for_ten_classes(synthetic_data):
   result = exp.evaluate(exp.init_state())
   assert {"eval_loss", "eval_accuracy", "eval_top5_accuracy", "eval_examples"} <= set(result)
   assert result["eval_top5_accuracy"] >= result["eval_accuracy"]
+
+
+# ------------------------------------------------------------- recipe smoke runs
+
+
+@pytest.mark.parametrize("name,shape", [("cifar10_resnet18", (32, 32, 3)),
+                                        ("fashion_resnet", (28, 28, 1)),
+                                        ("fashion_autoencoder", (28, 28, 1))])
+def test_recipe_configs_take_steps(monkeypatch, name, shape):
+  """The recipes as written (model, augmentation, dtype, optimizer), on stand-in data."""
+  from conftest import synthetic_split
+
+  from flaxtrain import datasets
+
+  def load(dataset, **_):
+    spec = datasets.DatasetSpec(name=dataset, image_shape=shape, num_classes=10,
+                                class_names=tuple(str(i) for i in range(10)),
+                                train_split="train", eval_split="test",
+                                num_train=64, num_eval=16)
+    return spec, synthetic_split(64, 0, shape), synthetic_split(16, 1, shape)
+
+  monkeypatch.setattr(datasets, "load", load)
+  c = load_config(name)
+  c.batch_size, c.eval_batch_size = 16, 16
+  exp = train.Experiment(c)
+  state, _ = _run(exp, 2)
+  result = exp.evaluate(state)
+  assert np.isfinite(result["eval_loss"]) and result["eval_examples"] == 16
