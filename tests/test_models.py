@@ -7,7 +7,7 @@ from flaxtrain import models
 from flaxtrain.errors import UserError
 
 # Pinned so that a change to a model's definition cannot go unnoticed.
-PARAM_COUNTS = {"fashion_cnn": 824_458, "fashion_mlp": 101_770}
+PARAM_COUNTS = {"fashion_cnn": 824_458, "fashion_mlp": 101_770, "fashion_resnet": 697_130}
 
 
 def _count(tree):
