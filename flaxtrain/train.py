@@ -228,9 +228,6 @@ def make_train_chunk(model, tx, schedule, task, config, dtype, max_steps: int,
       ema_params = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema_params, params)
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                      model_state=model_state, ema_params=ema_params)
-    # A non-finite step is never applied; in 'skip' mode only the step counter moves on.
-    kept = state.replace(step=state.step + 1)
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, kept)
     first_device = (device == 0).astype(jnp.float32)
     metrics = metrics_cls.single_from_model_output(
         loss=per_example + aux, aux_loss=aux, learning_rate=schedule(state.step),
@@ -238,12 +235,15 @@ def make_train_chunk(model, tx, schedule, task, config, dtype, max_steps: int,
     return new, metrics, finite
 
   def guarded_step(state, batch):
+    """A non-finite step is never applied: 'error' keeps the state as it was and reports
+    the step in `bad`; 'skip' only moves the step counter on."""
     new, metrics, finite = train_step(state, batch)
-    bad = jnp.where(finite, -1, state.step).astype(jnp.int32)
     if stop_on_nonfinite:
-      new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+      kept, bad = state, jnp.where(finite, -1, state.step).astype(jnp.int32)
     else:
-      bad = jnp.int32(-1)
+      kept, bad = state.replace(step=state.step + 1), jnp.int32(-1)
+    # One select over the whole state, fused by XLA into the update.
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, kept)
     return new, metrics, bad
 
   def chunk(state, inputs, num_steps):
@@ -574,7 +574,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         with report.timed("eval"):
           eval_result = exp.evaluate(state)
         writer.write_scalars(step, {k: v for k, v in eval_result.items() if k != "eval_examples"})
-        logging.info("Step %d: %s (%d examples).", step, ", ".join(
+        logging.info("Step %d: eval %s (%d examples).", step, ", ".join(
             f"{k[5:].replace('_', ' ')} {v:.4f}" for k, v in eval_result.items()
             if k != "eval_examples"), eval_result["eval_examples"])
       if step % plan.checkpoint_every == 0 or step == plan.total_steps or stop:
