@@ -16,6 +16,7 @@ import textwrap
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from etils import epath
 
@@ -55,6 +56,19 @@ def save_tf(exp, variables, directory: epath.Path) -> bool:
       lambda images: converted(module.variables_, images), autograph=False,
       input_signature=[tf.TensorSpec((None, *exp.spec.image_shape), tf.uint8, "images")])
   tf.saved_model.save(module, str(directory), signatures={"serving_default": module.serve})
+  # A TensorFlow older than this jax cannot run what jax2tf wrote (its StableHLO is too
+  # new): check by running it, and keep no SavedModel that does not work.
+  probe = np.zeros((2, *exp.spec.image_shape), np.uint8)
+  try:
+    serve = tf.saved_model.load(str(directory)).signatures["serving_default"]
+    got = serve(images=probe)["output_0"].numpy()
+    np.testing.assert_allclose(got, np.asarray(_outputs(exp, variables, probe)), atol=1e-4)
+  except Exception as e:  # noqa: BLE001 - any TF load/run error means: not usable here.
+    directory.rmtree(missing_ok=True)
+    logging.warning("No TF SavedModel: TensorFlow %s cannot run what jax2tf wrote (%s); "
+                    "inference.jax holds the same function.", tf.__version__,
+                    " ".join(str(e).split())[:200])
+    return False
   return True
 
 

@@ -3,6 +3,7 @@
 import io
 import json
 import shutil
+import sys
 import types
 
 import flax
@@ -110,6 +111,9 @@ def test_export_round_trip(run):
   assert meta["step"] == 64 and meta["input"]["shape"] == ["batch", 28, 28, 1]
   assert "jax.export.deserialize" in (out / "README.md").read_text()
   tf = pytest.importorskip("tensorflow")
+  if not (out / "saved_model").exists():  # Kept only where this TF can run it.
+    assert sys.version_info >= (3, 12), "no SavedModel with the pinned TF/jax of CI"
+    return
   serve = tf.saved_model.load(str(out / "saved_model")).signatures["serving_default"]
   np.testing.assert_allclose(serve(images=images[:5])["output_0"].numpy(), expected[:5],
                              atol=1e-5)

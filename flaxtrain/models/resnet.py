@@ -14,6 +14,7 @@ import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from flaxtrain import parallel
@@ -23,6 +24,12 @@ def _norm(train: bool, dtype, **kw):
   return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                            epsilon=1e-5, dtype=dtype,
                            axis_name=parallel.AXIS if train else None, **kw)
+
+
+def _global_average_pool(x):
+  # The barrier keeps XLA from fusing the last block into the reduction: jax 0.12's
+  # XLA:CPU returns NaN for that fusion in bfloat16 (eager and jax 0.10 are fine).
+  return jnp.mean(jax.lax.optimization_barrier(x), axis=(1, 2))
 
 
 class BasicBlock(nn.Module):
@@ -96,7 +103,7 @@ class ResNet(nn.Module):
       for j in range(size):
         strides = stage_strides[i] if j == 0 else 1
         x = block(self.width * 2**i, strides, dtype=self.dtype)(x, train)
-    x = jnp.mean(x, axis=(1, 2))
+    x = _global_average_pool(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
@@ -139,5 +146,5 @@ class WideResNet(nn.Module):
         strides = 2 if i > 0 and j == 0 else 1
         x = WideBlock(width * self.widen, strides, self.dropout, dtype=self.dtype)(x, train)
     x = nn.relu(_norm(train, self.dtype)()(x))
-    x = jnp.mean(x, axis=(1, 2))
+    x = _global_average_pool(x)
     return nn.Dense(self.num_classes, dtype=self.dtype)(x)
