@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import asynclib, metric_writers, parameter_overview, periodic_actions
 
 from flaxtrain import (
   augment,
@@ -520,106 +520,110 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                            every_steps=config.log_every_steps)
   best_key = exp.task.best_metric
   # Signal handlers only while training: they are put back on every way out.
-  with preemption.Stopper(par, check_every=plan.log_every) as stopper:
-    train_metrics = None
-    timing = {"first_step_s": None, "compile_s": None, "steady_start": None, "steady_steps": 0,
-              "paused_s": 0.0}
-    eval_result = None
-    # The non-finite flag of the chunk before this one: checked after the next chunk is
-    # dispatched, so the host never waits for the device inside the loop (at most two
-    # chunks in flight). A bad chunk is never saved: every save checks first.
-    unchecked = None
-
-    def check(chunk):
-      if chunk is not None:
-        bad, chunk_metrics = chunk
-        bad = int(par.to_host(bad))
-        if bad >= 0:
-          _fail_nonfinite(bad, par.to_host(chunk_metrics).compute(), ckpt, writer)
-
-    while step < plan.total_steps:
-      n = plan.next_stop(step) - step
-      t = time.time()
-      state, chunk_metrics, bad = exp.train_chunk(state, step, n)
-      check(unchecked)
-      unchecked = (bad, chunk_metrics)
-      if timing["first_step_s"] is None:  # The first chunk compiles: time it alone.
-        check(unchecked)
-        unchecked = None
-        timing["first_step_s"] = time.time() - start_time
-        timing["compile_s"] = time.time() - t
-        timing["steady_start"] = time.time()
-      else:
-        timing["steady_steps"] += n
-      for s in range(step + 1, step + n + 1):  # ReportProgress wants every step.
-        report(s)
-      step += n
-      train_metrics = chunk_metrics if train_metrics is None else train_metrics.merge(chunk_metrics)
-      logged = None
-      stop = stopper.should_stop(step)
-      if (step % plan.log_every == 0 or step == plan.total_steps or stop
-          or step % plan.eval_every == 0 or step % plan.checkpoint_every == 0):
-        check(unchecked)  # Before anything is logged, evaluated or saved.
-        unchecked = None
-      if step % plan.log_every == 0 or step == plan.total_steps:
-        values = par.to_host(train_metrics).compute()
-        logged = {f"train_{k}": float(v) for k, v in values.items()}
-        writer.write_scalars(step, logged)
-        train_metrics = None
-      if progress is not None:
-        progress.update(step, logged)
+  try:
+    with preemption.Stopper(par, check_every=plan.log_every) as stopper:
+      train_metrics = None
+      timing = {"first_step_s": None, "compile_s": None, "steady_start": None, "steady_steps": 0,
+                "paused_s": 0.0}
       eval_result = None
-      paused = time.time()
-      if step % plan.eval_every == 0 or step == plan.total_steps:
-        with report.timed("eval"):
-          eval_result = exp.evaluate(state)
-        writer.write_scalars(step, {k: v for k, v in eval_result.items() if k != "eval_examples"})
-        logging.info("Step %d: eval %s (%d examples).", step, ", ".join(
-            f"{k[5:].replace('_', ' ')} {v:.4f}" for k, v in eval_result.items()
-            if k != "eval_examples"), eval_result["eval_examples"])
-      if step % plan.checkpoint_every == 0 or step == plan.total_steps or stop:
-        with report.timed("checkpoint"):
-          metrics = {best_key: eval_result[best_key]} if eval_result else None
-          ckpt.save(step, state, metrics=metrics, force=True)
-      timing["paused_s"] += time.time() - paused
-      if stop:
-        ckpt.wait()
-        writer.flush()
-        if progress is not None:
-          progress.close()
-        logging.info("Stopped at step %d after a stop signal; the checkpoint is saved: run the "
-                     "same command to resume.", step)
-        return {"step": step, "stopped": True}
-    timing["train_end"] = time.time()
-    if progress is not None:
-      progress.close()
+      # The non-finite flag of the chunk before this one: checked after the next chunk is
+      # dispatched, so the host never waits for the device inside the loop (at most two
+      # chunks in flight). A bad chunk is never saved: every save checks first.
+      unchecked = None
 
-    if timing["first_step_s"] is None:  # Finished before this invocation: nothing to do.
+      def check(chunk):
+        if chunk is not None:
+          bad, chunk_metrics = chunk
+          bad = int(par.to_host(bad))
+          if bad >= 0:
+            _fail_nonfinite(bad, par.to_host(chunk_metrics).compute(), ckpt, writer)
+
+      while step < plan.total_steps:
+        n = plan.next_stop(step) - step
+        t = time.time()
+        state, chunk_metrics, bad = exp.train_chunk(state, step, n)
+        check(unchecked)
+        unchecked = (bad, chunk_metrics)
+        if timing["first_step_s"] is None:  # The first chunk compiles: time it alone.
+          check(unchecked)
+          unchecked = None
+          timing["first_step_s"] = time.time() - start_time
+          timing["compile_s"] = time.time() - t
+          timing["steady_start"] = time.time()
+        else:
+          timing["steady_steps"] += n
+        for s in range(step + 1, step + n + 1):  # ReportProgress wants every step.
+          report(s)
+        step += n
+        train_metrics = (chunk_metrics if train_metrics is None
+                         else train_metrics.merge(chunk_metrics))
+        logged = None
+        stop = stopper.should_stop(step)
+        if (step % plan.log_every == 0 or step == plan.total_steps or stop
+            or step % plan.eval_every == 0 or step % plan.checkpoint_every == 0):
+          check(unchecked)  # Before anything is logged, evaluated or saved.
+          unchecked = None
+        if step % plan.log_every == 0 or step == plan.total_steps:
+          values = par.to_host(train_metrics).compute()
+          logged = {f"train_{k}": float(v) for k, v in values.items()}
+          writer.write_scalars(step, logged)
+          train_metrics = None
+        if progress is not None:
+          progress.update(step, logged)
+        eval_result = None
+        paused = time.time()
+        if step % plan.eval_every == 0 or step == plan.total_steps:
+          with report.timed("eval"):
+            eval_result = exp.evaluate(state)
+          writer.write_scalars(step, {k: v for k, v in eval_result.items() if k != "eval_examples"})
+          logging.info("Step %d: eval %s (%d examples).", step, ", ".join(
+              f"{k[5:].replace('_', ' ')} {v:.4f}" for k, v in eval_result.items()
+              if k != "eval_examples"), eval_result["eval_examples"])
+        if step % plan.checkpoint_every == 0 or step == plan.total_steps or stop:
+          with report.timed("checkpoint"):
+            metrics = {best_key: eval_result[best_key]} if eval_result else None
+            ckpt.save(step, state, metrics=metrics, force=True)
+        timing["paused_s"] += time.time() - paused
+        if stop:
+          ckpt.wait()
+          writer.flush()
+          if progress is not None:
+            progress.close()
+          logging.info("Stopped at step %d after a stop signal; the checkpoint is saved: run the "
+                       "same command to resume.", step)
+          return {"step": step, "stopped": True}
+      timing["train_end"] = time.time()
+      if progress is not None:
+        progress.close()
+
+      if timing["first_step_s"] is None:  # Finished before this invocation: nothing to do.
+        ckpt.close()
+        previous = workdirs.read_summary(workdir)
+        logging.info("The run in %s already finished at step %d; nothing more to train.",
+                     workdir, step)
+        if previous is None:  # Killed after the last checkpoint, before the summary.
+          previous = {"step": step, **exp.evaluate(state), "wall_s": time.time() - start_time,
+                      "devices": par.num_devices, "processes": par.num_processes,
+                      "batch_size": config.batch_size}
+          workdirs.write_summary(workdir, previous, par)
+        return previous
+      ckpt.wait()
       ckpt.close()
-      previous = workdirs.read_summary(workdir)
-      logging.info("The run in %s already finished at step %d; nothing more to train.",
-                   workdir, step)
-      if previous is None:  # Killed after the last checkpoint, before the summary.
-        previous = {"step": step, **exp.evaluate(state), "wall_s": time.time() - start_time,
-                    "devices": par.num_devices, "processes": par.num_processes,
-                    "batch_size": config.batch_size}
-        workdirs.write_summary(workdir, previous, par)
-      return previous
-    ckpt.wait()
-    ckpt.close()
-    writer.flush()
-    # Train throughput after the first (compiling) chunk, eval and checkpoint time excluded.
-    steady_s = timing["train_end"] - timing["steady_start"] - timing["paused_s"]
-    steady = timing["steady_steps"] * config.batch_size / steady_s \
-        if timing["steady_steps"] else None
-    summary = {
-        "step": step, **eval_result, "train_examples_per_sec": steady,
-        "wall_s": time.time() - start_time, "time_to_first_step_s": timing["first_step_s"],
-        "first_dispatch_s": timing["compile_s"], "devices": par.num_devices,
-        "processes": par.num_processes, "batch_size": config.batch_size,
-    }
-    workdirs.write_summary(workdir, summary, par)
-    return summary
+      writer.flush()
+      # Train throughput after the first (compiling) chunk, eval and checkpoint time excluded.
+      steady_s = timing["train_end"] - timing["steady_start"] - timing["paused_s"]
+      steady = timing["steady_steps"] * config.batch_size / steady_s \
+          if timing["steady_steps"] else None
+      summary = {
+          "step": step, **eval_result, "train_examples_per_sec": steady,
+          "wall_s": time.time() - start_time, "time_to_first_step_s": timing["first_step_s"],
+          "first_dispatch_s": timing["compile_s"], "devices": par.num_devices,
+          "processes": par.num_processes, "batch_size": config.batch_size,
+      }
+      workdirs.write_summary(workdir, summary, par)
+      return summary
+  except asynclib.AsyncError as e:  # TensorBoard writes failed (e.g. a full disk).
+    _fail_writing_metrics(e, ckpt, workdir)
 
 
 def _prepare_data_once(config, par):
@@ -642,6 +646,15 @@ def _prepare_data_once(config, par):
   if int(failed):
     raise UserError(f"Process 0 could not prepare dataset {config.dataset.name!r}; see its "
                     "log for the reason.")
+
+
+def _fail_writing_metrics(error, ckpt, workdir):
+  ckpt.wait()  # A failed checkpoint save (e.g. the disk is full) is the clearer message.
+  cause = error.__cause__ or error
+  raise UserError(
+      f"Could not write the TensorBoard metrics in {workdir} ("
+      f"{' '.join(str(cause).split())[:200]}): free space or use another --workdir; the last "
+      "complete checkpoint is kept.") from error
 
 
 def _fail_nonfinite(bad_step, values, ckpt, writer):
