@@ -23,11 +23,5 @@ def get_config():
   c.augment.crop_padding = 4
   c.augment.flip = True
   c.task.label_smoothing = 0.1
-  c.optimizer.name = "sgd"
-  c.optimizer.learning_rate = 0.4
-  c.optimizer.momentum = 0.9
-  c.optimizer.nesterov = True
-  c.optimizer.weight_decay = 5e-4
-  c.schedule.name = "warmup_cosine"
-  c.schedule.warmup_epochs = 2.0
-  return c
+  return config_lib.sgd_warmup_cosine(c, learning_rate=0.4, weight_decay=5e-4,
+                                      warmup_epochs=2.0)

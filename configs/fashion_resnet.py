@@ -29,11 +29,5 @@ def get_config():
   c.augment.flip = True
   c.augment.erase_prob = 0.5
   c.task.label_smoothing = 0.1
-  c.optimizer.name = "sgd"
-  c.optimizer.learning_rate = 0.1
-  c.optimizer.momentum = 0.9
-  c.optimizer.nesterov = True
-  c.optimizer.weight_decay = 5e-4
-  c.schedule.name = "warmup_cosine"
-  c.schedule.warmup_epochs = 1.0
-  return c
+  return config_lib.sgd_warmup_cosine(c, learning_rate=0.1, weight_decay=5e-4,
+                                      warmup_epochs=1.0)

@@ -91,6 +91,19 @@ def adamw_warmup_cosine(c: ml_collections.ConfigDict, learning_rate: float,
   return c
 
 
+def sgd_warmup_cosine(c: ml_collections.ConfigDict, learning_rate: float,
+                      weight_decay: float, warmup_epochs: float) -> ml_collections.ConfigDict:
+  """The recipe of the ResNet configs: SGD, Nesterov momentum 0.9, warmup, cosine to 0."""
+  c.optimizer.name = "sgd"
+  c.optimizer.learning_rate = learning_rate
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = True
+  c.optimizer.weight_decay = weight_decay
+  c.schedule.name = "warmup_cosine"
+  c.schedule.warmup_epochs = warmup_epochs
+  return c
+
+
 def cnn_model(features=(32, 64), dense=(256,), dropout=0.0) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(name="cnn", features=features, dense=dense,
                                         dropout=dropout))

@@ -32,6 +32,14 @@ def _global_average_pool(x):
   return jnp.mean(jax.lax.optimization_barrier(x), axis=(1, 2))
 
 
+def _residual(x, y, strides, conv, norm):
+  """relu(shortcut(x) + y); the shortcut projects x (1x1 conv + norm) when shapes differ."""
+  if x.shape != y.shape:
+    x = conv(y.shape[-1], (1, 1), (strides, strides), name="conv_proj")(x)
+    x = norm(name="norm_proj")(x)
+  return nn.relu(x + y)
+
+
 class BasicBlock(nn.Module):
   filters: int
   strides: int = 1
@@ -45,10 +53,7 @@ class BasicBlock(nn.Module):
     y = nn.relu(norm()(y))
     y = conv(self.filters, (3, 3), padding=1)(y)
     y = norm(scale_init=nn.initializers.zeros)(y)  # Each block starts as the identity.
-    if x.shape != y.shape:
-      x = conv(self.filters, (1, 1), (self.strides, self.strides), name="conv_proj")(x)
-      x = norm(name="norm_proj")(x)
-    return nn.relu(x + y)
+    return _residual(x, y, self.strides, conv, norm)
 
 
 class Bottleneck(nn.Module):
@@ -64,10 +69,7 @@ class Bottleneck(nn.Module):
     y = conv(self.filters, (3, 3), (self.strides, self.strides), padding=1)(y)
     y = nn.relu(norm()(y))
     y = norm(scale_init=nn.initializers.zeros)(conv(self.filters * 4, (1, 1))(y))
-    if x.shape != y.shape:
-      x = conv(self.filters * 4, (1, 1), (self.strides, self.strides), name="conv_proj")(x)
-      x = norm(name="norm_proj")(x)
-    return nn.relu(x + y)
+    return _residual(x, y, self.strides, conv, norm)
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
