@@ -83,3 +83,20 @@ def device_index():
 def gather_metrics(collection):
   """A per-device CLU collection -> the collection over all devices (replicated)."""
   return jax.lax.all_gather(collection, AXIS).reduce()
+
+
+def tree_sum(tree, num_devices: int):
+  """The sum over devices as one fixed balanced binary tree (pairs of neighbours first).
+
+  Recursive doubling: at level l each device adds its partner's value (index XOR 2^l);
+  IEEE addition is commutative, so both partners hold the same bits after every level and
+  every device ends with the same sum, whose rounding depends only on the leaf order. A
+  device's value that is itself a balanced tree over its consecutive slice of leaves
+  makes the result bitwise the one-device balanced sum (`num_devices` a power of two).
+  """
+  level = 1
+  while level < num_devices:
+    perm = [(i, i ^ level) for i in range(num_devices)]
+    tree = jax.tree.map(lambda x, pm=perm: x + jax.lax.ppermute(x, AXIS, pm), tree)
+    level *= 2
+  return tree

@@ -104,6 +104,21 @@ def validate(config: ml_collections.ConfigDict, par: parallel.DataParallel):
         f"grad_accum_steps {config.grad_accum_steps} does not divide the per-device batch "
         f"{per_device} (batch_size {config.batch_size} over {par.num_devices} devices): set "
         "--config.grad_accum_steps to a divisor of it.")
+  shards = config.topology_invariant_shards
+  if shards:
+    if (not isinstance(shards, int) or shards < 0 or shards & (shards - 1)
+        or shards % par.num_devices):
+      raise UserError(
+          f"topology_invariant_shards must be 0 (off) or a power of two that is a multiple of "
+          f"the {par.num_devices} devices, got {shards!r}: set "
+          f"--config.topology_invariant_shards to e.g. {max(8, par.num_devices)}.")
+    if config.batch_size % shards:
+      raise UserError(
+          f"topology_invariant_shards {shards} does not divide batch_size "
+          f"{config.batch_size}: set --config.batch_size to a multiple of {shards}.")
+    if config.grad_accum_steps != 1:
+      raise UserError("topology_invariant_shards already splits the batch into sequential "
+                      "shards: set --config.grad_accum_steps=1.")
   if not 0.0 <= config.ema_decay < 1.0:
     raise UserError(f"ema_decay must be in [0, 1) (0 turns EMA off), got {config.ema_decay}.")
   if config.compute_dtype not in DTYPES:
@@ -153,8 +168,15 @@ def ema_decay_at(step, decay: float):
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
+def _balanced_sum(trees):
+  """Sum of a power-of-two list of pytrees as a balanced binary tree, neighbours first."""
+  while len(trees) > 1:
+    trees = [jax.tree.map(jnp.add, a, b) for a, b in zip(trees[::2], trees[1::2], strict=True)]
+  return trees[0]
+
+
 def make_train_chunk(model, tx, schedule, task, config, dtype, max_steps: int,
-                     metrics_cls):
+                     metrics_cls, num_devices: int):
   """Per-device: runs up to `num_steps` (<= max_steps) train steps on the chunk's batches."""
   stop_on_nonfinite = config.nonfinite == "error"
   nan_step = int(os.environ.get(NAN_STEP_ENV, -1))
@@ -202,6 +224,38 @@ def make_train_chunk(model, tx, schedule, task, config, dtype, max_steps: int,
     flat = lambda v: v.reshape((-1, *v.shape[2:]))  # noqa: E731
     return grads, model_state, flat(per_example), jax.tree.map(flat, task_metrics), aux / accum
 
+  shards = config.topology_invariant_shards
+
+  def invariant_gradients(params, model_state, x, batch, dropout_key, device):
+    """Gradients that are bitwise the same on any topology (config.topology_invariant_shards).
+
+    Each of the global batch's fixed shards gets its own gradient (same shapes, same
+    dropout key, whichever device computes it); a balanced tree sums them, within the
+    device over its consecutive shards, then across devices (`parallel.tree_sum`).
+    Unrolled, not scanned: XLA:CPU runs convolutions inside loops far slower.
+    """
+    if jax.tree.leaves(model_state):
+      raise UserError(
+          "topology_invariant_shards does not cover models with running statistics (e.g. "
+          "BatchNorm, whose batch statistics are all-reduced): set "
+          "--config.topology_invariant_shards=0.")
+    local = shards // num_devices
+    size = x.shape[0] // local
+    grads, per_example, task_metrics, aux = [], [], [], []
+    for j in range(local):
+      piece = lambda v, j=j: v[j * size:(j + 1) * size]  # noqa: E731
+      (_, (_, pe, tm, a)), g = grad_fn(params, model_state, piece(x), jax.tree.map(piece, batch),
+                                       jax.random.fold_in(dropout_key, device * local + j))
+      grads.append(g)
+      per_example.append(pe)
+      task_metrics.append(tm)
+      aux.append(a)
+    grads = jax.tree.map(lambda g: g / shards, parallel.tree_sum(_balanced_sum(grads),
+                                                                 num_devices))
+    cat = lambda *v: jnp.concatenate(v)  # noqa: E731
+    return (grads, model_state, cat(*per_example), jax.tree.map(cat, *task_metrics),
+            sum(aux) / local)
+
   def train_step(state, batch):
     # Random draws are pure functions of (seed, step) and the example's (for augmentation)
     # or the device's (for dropout) position, so resumed runs repeat them exactly.
@@ -211,21 +265,38 @@ def make_train_chunk(model, tx, schedule, task, config, dtype, max_steps: int,
     x = preprocess(batch["image"], jnp.float32)
     x = augment.apply(x, jax.random.fold_in(step_key, 1), device * local_batch, aug_cfg)
     x = x.astype(dtype)
-    rng = jax.random.fold_in(jax.random.fold_in(step_key, 2), device)
-    grads, model_state, per_example, task_metrics, aux = gradients(
-        state.params, state.model_state, x, batch, rng)
-    loss = jnp.mean(per_example) + aux
-    # Running statistics (e.g. BatchNorm's) are averaged too: replicas stay identical.
-    grads, loss, model_state = parallel.mean((grads, loss, model_state))
+    dropout_key = jax.random.fold_in(step_key, 2)
+    if shards:
+      grads, model_state, per_example, task_metrics, aux = invariant_gradients(
+          state.params, state.model_state, x, batch, dropout_key, device)
+      loss = parallel.mean(jnp.mean(per_example) + aux)  # Reported only; grads are summed.
+    else:
+      grads, model_state, per_example, task_metrics, aux = gradients(
+          state.params, state.model_state, x, batch, jax.random.fold_in(dropout_key, device))
+      loss = jnp.mean(per_example) + aux
+      # Running statistics (e.g. BatchNorm's) are averaged too: replicas stay identical.
+      grads, loss, model_state = parallel.mean((grads, loss, model_state))
     if nan_step >= 0:
       loss = jnp.where(state.step == nan_step, jnp.nan, loss)
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema_params = state.ema_params
-    if ema_decay:
-      d = ema_decay_at(state.step, ema_decay)
-      ema_params = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema_params, params)
+
+    def update(grads, params, opt_state, ema_params):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      if ema_decay:
+        d = ema_decay_at(state.step, ema_decay)
+        ema_params = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema_params, params)
+      return params, opt_state, ema_params
+
+    operands = (grads, state.params, state.opt_state, state.ema_params)
+    if shards:
+      # XLA:CPU contracts a*b + c into one fused multiply-add depending on what else a
+      # fusion holds, e.g. the gradient sum, which differs by topology. A conditional's
+      # branch is a fusion boundary: the update compiles to the same code on every topology.
+      params, opt_state, ema_params = jax.lax.cond(
+          finite, update, lambda g, p, o, e: (p, o, e), *operands)
+    else:
+      params, opt_state, ema_params = update(*operands)
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                      model_state=model_state, ema_params=ema_params)
     first_device = (device == 0).astype(jnp.float32)
@@ -361,7 +432,7 @@ class Experiment:
     self.eval_metrics = metrics_lib.eval_metrics(self.task.metric_names)
     self._chunk_fn = make_train_chunk(self.model, self.tx, self.schedule, self.task, config,
                                       self.dtype, self.plan.steps_per_dispatch,
-                                      self.train_metrics)
+                                      self.train_metrics, par.num_devices)
     self._train_chunk = self._evaluate = self._predict = self._eval_batches = None
 
   # ------------------------------------------------------------- state

@@ -5,8 +5,11 @@
 Topologies (all on this machine's CPU): 1 device, 8 fake devices, and 2 processes x 2
 fake devices joined by jax.distributed on 127.0.0.1. flaxtrain's batches are a pure
 function of (seed, epoch, step), so the runs differ only by floating-point reduction
-order. Prints JSON: per topology the eval loss/accuracy, and the largest differences of
-eval loss and of any parameter against the 1-device run.
+order. Each reduction is checked: the default (per-device mean gradients, one all-reduce)
+and `--config.topology_invariant_shards=N` (fixed shards summed in one binary tree: the
+same bits on every topology). Prints JSON: per reduction and topology the eval
+loss/accuracy, and the largest differences of eval loss and of any parameter against the
+1-device run.
 """
 
 import argparse
@@ -113,9 +116,16 @@ def main():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--steps", type=int, default=120)
   parser.add_argument("--workdir", default="runs/topology_check")
+  parser.add_argument("--invariant_shards", type=int, default=8,
+                      help="also check --config.topology_invariant_shards=N (0: skip)")
   parser.add_argument("extra", nargs="*", help="flaxtrain flags after --")
   args = parser.parse_args()
-  print(json.dumps(compare(args.workdir, args.steps, args.extra), indent=2))
+  report = {"default": compare(pathlib.Path(args.workdir) / "default", args.steps, args.extra)}
+  if args.invariant_shards:
+    flag = f"--config.topology_invariant_shards={args.invariant_shards}"
+    report[flag.lstrip("-")] = compare(pathlib.Path(args.workdir) / "invariant", args.steps,
+                                       [*args.extra, flag])
+  print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,19 @@ def test_two_processes_match_one_process(two_by_two):
   assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-4
 
 
+def test_topology_invariant_run_on_two_processes_is_bitwise_the_one_device_run(
+    real_data_dir, tmp_path):
+  """--config.topology_invariant_shards: 2 processes x 2 devices == 1 device, bit for bit."""
+  extra = _flags(real_data_dir, "--config.topology_invariant_shards=4")
+  topology.run_multi(tmp_path / "multi", 2, 2, STEPS, extra, timeout=600)
+  topology.run_single(tmp_path / "one", 1, STEPS, extra, timeout=600)
+  a, b = topology.load_params(tmp_path / "multi"), topology.load_params(tmp_path / "one")
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  multi, one = _summary(tmp_path / "multi"), _summary(tmp_path / "one")
+  assert (multi["processes"], multi["devices"], one["devices"]) == (2, 4, 1)
+  assert abs(multi["eval_loss"] - one["eval_loss"]) <= 1e-6  # Eval sums in device order.
+
+
 def test_killed_multiprocess_run_resumes_from_its_checkpoint(two_by_two, real_data_dir,
                                                              tmp_path):
   workdir = tmp_path / "killed"

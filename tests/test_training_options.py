@@ -109,6 +109,53 @@ def test_gradient_accumulation_must_divide_the_per_device_batch(synthetic_data):
     train.Experiment(tiny_config(grad_accum_steps=3))
 
 
+# ------------------------------------------------- topology-invariant reduction
+
+
+def _equal_bits(a, b):
+  return all(np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_topology_invariant_shards_give_the_same_bits_on_1_2_and_4_devices(synthetic_data):
+  """Params and AdamW state bitwise equal after 6 steps, with dropout and augmentation on
+  (whose keys follow the shard and the example, not the device)."""
+  c = tiny_config(topology_invariant_shards=4, **{"model.dropout": 0.3, "augment.flip": True,
+                                                    "augment.crop_padding": 2})
+  exps = {n: train.Experiment(c, parallel.DataParallel(jax.devices()[:n])) for n in (1, 2, 4)}
+  states = {n: _run(exp, 6)[1][-1] for n, exp in exps.items()}
+  one = states[1]
+  assert _max_diff(one.params, exps[1].par.to_host(exps[1].init_state().params)) > 1e-4
+  for n in (2, 4):
+    assert _equal_bits(states[n].params, one.params), n
+    assert _equal_bits(states[n].opt_state, one.opt_state), n
+
+
+def test_topology_invariant_shards_match_the_default_reduction_closely(synthetic_data):
+  """The same mean gradient, summed in another order: the same training to rounding."""
+  _, a = _run(train.Experiment(tiny_config()), 3)
+  _, b = _run(train.Experiment(tiny_config(topology_invariant_shards=8)), 3)
+  assert 0 < _max_diff(a[-1].params, b[-1].params) < 2e-5
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(topology_invariant_shards=6), "must be 0 .off. or a power of two"),
+    (dict(topology_invariant_shards=2), "a multiple of the 4 devices"),
+    (dict(topology_invariant_shards=128), "does not divide batch_size 64"),
+    (dict(topology_invariant_shards=8, grad_accum_steps=2), "set --config.grad_accum_steps=1"),
+])
+def test_topology_invariant_shards_bad_settings_are_one_sentence(synthetic_data, overrides,
+                                                                   match):
+  with pytest.raises(UserError, match=match):
+    train.Experiment(tiny_config(**overrides))
+
+
+def test_topology_invariant_shards_refuse_batchnorm(synthetic_data):
+  exp = train.Experiment(_small_resnet(topology_invariant_shards=4))
+  with pytest.raises(UserError, match="running statistics .e.g. BatchNorm"):
+    exp.train_chunk(exp.init_state(), 0, 1)
+
+
 # ----------------------------------------------------------------- bfloat16
 
 
