@@ -399,6 +399,24 @@ def init_state(model, tx, image_shape, seed: int, par: parallel.DataParallel,
 # ------------------------------------------------------------- the experiment
 
 
+def step_flops(model, task, image_shape, per_device_batch: int, dtype) -> float | None:
+  """XLA's cost-analysis FLOPs of the loss's forward and backward on one device's batch."""
+  variables = jax.eval_shape(lambda: model.init(  # Shapes only: no initializer compiled.
+      jax.random.key(0), jnp.zeros((1, *image_shape)), train=False))
+  x = jax.ShapeDtypeStruct((per_device_batch, *image_shape), dtype)
+  y = jax.ShapeDtypeStruct((per_device_batch,), jnp.int32)
+
+  def loss(variables, x, label):
+    out = model.apply(variables, x, train=False)
+    return jnp.mean(task.loss(out, {"label": label}, x)[0])
+
+  compiled = jax.jit(jax.value_and_grad(loss)).lower(variables, x, y).compile()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
 class Experiment:
   """Everything a run is built from: data, model, task, optimizer and compiled steps.
 
@@ -522,21 +540,8 @@ class Experiment:
 
   def train_step_flops(self) -> float | None:
     """XLA's FLOPs of one global train step (forward and backward, all devices)."""
-    per_device = self.config.batch_size // self.par.num_devices
-    variables = jax.eval_shape(lambda: self.model.init(
-        jax.random.key(0), jnp.zeros((1, *self.spec.image_shape)), train=False))
-    x = jax.ShapeDtypeStruct((per_device, *self.spec.image_shape), self.dtype)
-    y = jax.ShapeDtypeStruct((per_device,), jnp.int32)
-
-    def loss(variables, x, label):
-      out = self.model.apply(variables, x, train=False)
-      return jnp.mean(self.task.loss(out, {"label": label}, x)[0])
-
-    compiled = jax.jit(jax.value_and_grad(loss)).lower(variables, x, y).compile()
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list):
-      cost = cost[0] if cost else None
-    flops = float(cost["flops"]) if cost and "flops" in cost else None
+    flops = step_flops(self.model, self.task, self.spec.image_shape,
+                       self.config.batch_size // self.par.num_devices, self.dtype)
     return flops * self.par.num_devices if flops else None
 
 

@@ -111,7 +111,16 @@ def worker_flaxtrain(spec: dict) -> dict:
 
   import jax
 
-  from flaxtrain import checkpointing, datasets, input_pipeline, main, parallel, train
+  from flaxtrain import (
+    checkpointing,
+    datasets,
+    input_pipeline,
+    main,
+    models,
+    parallel,
+    tasks,
+    train,
+  )
 
   def on_event(event, seconds, **kwargs):
     if event.startswith("/jax/core/compile/"):
@@ -263,7 +272,11 @@ def worker_flaxtrain(spec: dict) -> dict:
 
   par = parallel.DataParallel()
   n_dev = par.num_devices
-  flops_per_device = _flaxtrain_step_flops(config, ds, batch // n_dev)
+  model = models.get(config.model, ds.num_classes, train.DTYPES[config.compute_dtype],
+                     ds.image_shape)
+  flops_per_device = train.step_flops(model, tasks.get(config.task, ds.num_classes),
+                                      ds.image_shape, batch // n_dev,
+                                      train.DTYPES[config.compute_dtype])
   step_s = batch / ex_per_s if ex_per_s else None
   steps_per_epoch = ds.num_train // batch
   first_save_s = saves[0] if saves else None
@@ -337,30 +350,6 @@ def _steady_save_s(checkpointing, last_saved, workdir: str, n: int = 3) -> float
   ckpt.wait()
   ckpt.close()
   return statistics.median(times)
-
-
-def _flaxtrain_step_flops(config, ds, per_device_batch: int) -> float | None:
-  """XLA's FLOPs of forward+backward of flaxtrain's model and loss at the per-device batch."""
-  import jax
-  import jax.numpy as jnp
-
-  from flaxtrain import models, tasks, train
-
-  model = models.get(config.model, ds.num_classes, train.DTYPES[config.compute_dtype],
-                     ds.image_shape)
-  task = tasks.get(config.task, ds.num_classes)
-  x = jax.ShapeDtypeStruct((per_device_batch, *ds.image_shape), jnp.float32)
-  y = jax.ShapeDtypeStruct((per_device_batch,), jnp.int32)
-  # Shapes only: compiling the initializers would cost seconds and add nothing here.
-  params = jax.eval_shape(
-    lambda: model.init(jax.random.key(0), jnp.zeros((1, *ds.image_shape)), train=False)
-  )
-
-  def loss(p, image, label):
-    out = model.apply(p, image, train=False)
-    return jnp.mean(task.loss(out, {"image": image, "label": label}, image)[0])
-
-  return xla_flops(jax.jit(jax.value_and_grad(loss)).lower(params, x, y).compile())
 
 
 # ---------------------------------------------------------------- worker: tutorial
