@@ -110,9 +110,11 @@ def sgd_warmup_cosine(c: ml_collections.ConfigDict, learning_rate: float,
   return c
 
 
-def cnn_model(features=(32, 64), dense=(256,), dropout=0.0) -> ml_collections.ConfigDict:
+def cnn_model(features=(32, 64), dense=(256,), dropout=0.0,
+              conv="auto") -> ml_collections.ConfigDict:
+  """conv: 'auto' (im2col + matmul on CPU, XLA's convolutions elsewhere), 'xla', 'im2col'."""
   return ml_collections.ConfigDict(dict(name="cnn", features=features, dense=dense,
-                                        dropout=dropout))
+                                        dropout=dropout, conv=conv))
 
 
 def mlp_model(hidden=(128,)) -> ml_collections.ConfigDict:

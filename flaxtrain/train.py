@@ -440,7 +440,12 @@ class Experiment:
         eval_batch_size=config.eval_batch_size, on_device=config.dataset.on_device)
     self.plan = make_plan(config, self.pipe.steps_per_epoch, par.devices[0].platform)
     self.dtype = DTYPES[config.compute_dtype]
-    self.model = models.get(config.model, self.spec.num_classes, self.dtype,
+    model_cfg = config.model
+    if config.topology_invariant_shards and model_cfg.get("conv") == "auto":
+      # 'auto' picks the CNN's convolution by the process's device count: pinned here, so
+      # every topology runs the same code and gets the same bits.
+      model_cfg = ml_collections.ConfigDict({**model_cfg.to_dict(), "conv": "xla"})
+    self.model = models.get(model_cfg, self.spec.num_classes, self.dtype,
                             self.spec.image_shape)
     self.task = tasks.get(config.task, self.spec.num_classes)
     self.tx, self.schedule = optimizers.make(

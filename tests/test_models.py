@@ -1,5 +1,6 @@
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import load_config
 
@@ -77,3 +78,52 @@ def test_registered_model_parameter_counts(name):
   assert _count(variables["params"]) == count
   out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
   assert out.shape == ((2, *shape) if name == "autoencoder" else (2, classes))
+
+
+# ------------------------------------------------------ im2col convolutions (CPU)
+
+
+def test_im2col_conv_is_xlas_convolution_with_the_same_gradients():
+  from jax import lax
+
+  from flaxtrain.models import im2col
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((3, 9, 7, 5)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 5, 4)), jnp.float32)
+  g = jnp.asarray(rng.standard_normal((3, 9, 7, 4)), jnp.float32)
+
+  def xla(x, w):
+    return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=im2col.NHWC)
+
+  y, vjp = jax.vjp(im2col.conv3x3, x, w)
+  y_ref, vjp_ref = jax.vjp(xla, x, w)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
+  for a, b in zip(vjp(g), vjp_ref(g), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_im2col_falls_back_to_xla_for_other_convolutions():
+  from jax import lax
+
+  from flaxtrain.models import im2col
+  x = jnp.ones((1, 8, 8, 2))
+  w = jnp.ones((5, 5, 2, 3))
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, im2col.NHWC)
+  for strides, padding in (((1, 1), "SAME"), ((2, 2), "VALID")):
+    got = im2col.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn)
+    want = lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_cnn_conv_implementations_share_parameters_and_outputs():
+  import ml_collections
+  x = jnp.asarray(np.random.default_rng(1).random((4, 28, 28, 1)), jnp.float32)
+  cfgs = {impl: ml_collections.ConfigDict(dict(name="cnn", features=(8, 16), dense=(32,),
+                                               conv=impl)) for impl in ("xla", "im2col")}
+  a, b = (models.get(c, 10, image_shape=(28, 28, 1)) for c in cfgs.values())
+  variables = a.init(jax.random.key(0), x)
+  assert jax.tree.structure(variables) == jax.tree.structure(b.init(jax.random.key(0), x))
+  np.testing.assert_allclose(a.apply(variables, x), b.apply(variables, x), atol=1e-5)
+  cfgs["xla"].conv = "fft"
+  with pytest.raises(UserError, match="model.conv must be one of auto, xla, im2col"):
+    models.get(cfgs["xla"], 10)

@@ -19,8 +19,11 @@ from flaxtrain.models import autoencoder, resnet, simple
 
 
 def _cnn(cfg, num_classes, dtype, image_shape):
+  conv = cfg.get("conv", "auto")
+  if conv not in simple.CONV_IMPLS:
+    raise UserError(f"model.conv must be one of {', '.join(simple.CONV_IMPLS)}, got {conv!r}.")
   return simple.CNN(num_classes, features=tuple(cfg.features), dense=tuple(cfg.dense),
-                    dropout=cfg.get("dropout", 0.0), dtype=dtype)
+                    dropout=cfg.get("dropout", 0.0), dtype=dtype, conv=conv)
 
 
 def _mlp(cfg, num_classes, dtype, image_shape):
