@@ -7,7 +7,8 @@ warm-up call): the two convolutions' forward and gradients, their im2col + matmu
 equivalents, the first dense layer, an AdamW update over the model's 824,458
 parameters, and for reference the whole bare train step (AdamW and SGD). The sum of
 the fastest formulation of every piece bounds what a rewrite of the step could reach;
-docs/performance.md uses it.
+the last line is the step with both convolutions as flaxtrain's im2col (models/im2col.py).
+docs/performance.md uses these figures.
 """
 
 import argparse
@@ -18,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from flaxtrain.models import im2col
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -71,7 +74,7 @@ def main():
   def grad_x(x, w, g):
     return jax.vjp(lambda x: conv(x, w), x)[1](g)
 
-  def loss(p, x):
+  def loss(p, x, conv=conv):
     y = jax.nn.relu(conv(x, p["conv1"]))
     y = y.reshape(b, 14, 2, 14, 2, 32).mean((2, 4))
     y = jax.nn.relu(conv(y, p["conv2"]))
@@ -79,9 +82,9 @@ def main():
     out = jax.nn.relu(y @ p["dense1"]) @ p["dense2"]
     return optax.softmax_cross_entropy_with_integer_labels(out, labels).mean()
 
-  def step_fn(tx):
+  def step_fn(tx, conv=conv):
     def step(p, s, x):
-      updates, s = tx.update(jax.grad(loss)(p, x), s, p)
+      updates, s = tx.update(jax.grad(loss)(p, x, conv), s, p)
       return optax.apply_updates(p, updates), s
     return step
 
@@ -102,6 +105,8 @@ def main():
      (flat, adamw.init(flat), flat)),
     ("whole step, AdamW", step_fn(adamw), (params, adamw.init(params), x1)),
     ("whole step, SGD", step_fn(sgd), (params, sgd.init(params), x1)),
+    ("whole step, AdamW, im2col", step_fn(adamw, im2col.conv3x3),
+     (params, adamw.init(params), x1)),
   ]
   print(f"batch {b}, jax {jax.__version__}, {jax.devices()[0].device_kind}")
   for name, fn, fn_args in parts:

@@ -113,6 +113,16 @@ def test_im2col_falls_back_to_xla_for_other_convolutions():
     got = im2col.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn)
     want = lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn)
     np.testing.assert_array_equal(got, want)
+  # A 3x3 convolution whose patches exceed the size limit goes to XLA too.
+  w3 = jnp.asarray(np.random.default_rng(2).standard_normal((3, 3, 2, 3)), jnp.float32)
+  dn3 = lax.conv_dimension_numbers(x.shape, w3.shape, im2col.NHWC)
+  want = lax.conv_general_dilated(x, w3, (1, 1), "SAME", dimension_numbers=dn3)
+  limited = im2col.conv_general_dilated(x, w3, (1, 1), "SAME", dimension_numbers=dn3,
+                                        max_patch_bytes=x.size * 9 * 4 - 1)
+  np.testing.assert_array_equal(limited, want)
+  jaxpr = jax.make_jaxpr(lambda x: im2col.conv_general_dilated(
+      x, w3, (1, 1), "SAME", dimension_numbers=dn3, max_patch_bytes=x.size * 9 * 4))(x)
+  assert "conv_general_dilated" not in str(jaxpr)  # At the limit: im2col (a matmul).
 
 
 def test_cnn_conv_implementations_share_parameters_and_outputs():

@@ -57,11 +57,14 @@ conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         **kwargs):
+                         max_patch_bytes=None, **kwargs):
   """Drop-in for `lax.conv_general_dilated` (flax's `nn.Conv(conv_general_dilated=...)`):
-  3x3 stride-1 SAME NHWC convolutions go through `conv3x3`, anything else through XLA."""
+  3x3 stride-1 SAME NHWC convolutions go through `conv3x3`, anything else through XLA,
+  as do convolutions whose patch matrix would exceed `max_patch_bytes` (if given)."""
+  patch_bytes = lhs.size * 9 * jnp.dtype(lhs.dtype).itemsize
   eligible = (
-      lhs.ndim == 4 and rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1)
+      (max_patch_bytes is None or patch_bytes <= max_patch_bytes)
+      and lhs.ndim == 4 and rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1)
       and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
       and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
       and feature_group_count == 1

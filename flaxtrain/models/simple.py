@@ -1,5 +1,6 @@
 """The tutorials' CNN (with optional dropout) and MLP."""
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -11,20 +12,30 @@ from flaxtrain.models import im2col
 CONV_IMPLS = ("auto", "xla", "im2col")
 
 
-def conv_function(impl: str):
+# 'auto' keeps im2col to patch matrices of up to 16 MiB (conv2 at 64 examples per device):
+# beyond that the patches cost more memory traffic than the weight gradient saves.
+AUTO_MAX_PATCH_BYTES = 16 << 20
+
+
+def conv_function(impl: str, train: bool):
   """The convolution for `nn.Conv`: 'im2col' (models/im2col.py), 'xla', or 'auto'.
 
-  'auto' is im2col on a CPU process with one JAX device, where it made the batch-32
-  fashion_cnn step ~1.25x faster; XLA's own convolutions elsewhere. With several CPU
-  devices per process (flaxtrain's default at batch >= 128 on 2 cores) the devices' patch
-  buffers contend in the allocator: 2,440 vs 5,300 examples/s at batch 128 (equal with
-  glibc's mmap threshold raised, so nothing to gain there); GPUs and TPUs have fast
-  convolutions of their own.
+  'auto' is im2col when training on a CPU process with one JAX device, for patch
+  matrices up to AUTO_MAX_PATCH_BYTES: there it made the batch-32 fashion_cnn step ~1.25x
+  faster, because the weight gradient reuses the forward's patches. Elsewhere it is XLA's
+  own convolution. Evaluation gains nothing from im2col, since the forward costs the same.
+  With several CPU devices per process (flaxtrain's default at batch >= 128 on 2 cores)
+  the devices' patch buffers contend in the allocator: 2,440 vs 5,300 examples/s at batch
+  128. With glibc's mmap threshold raised the two are equal, so nothing is gained there.
+  GPUs and TPUs have fast convolutions of their own.
   """
-  if impl == "auto":
-    one_cpu = jax.default_backend() == "cpu" and jax.local_device_count() == 1
-    impl = "im2col" if one_cpu else "xla"
-  return im2col.conv_general_dilated if impl == "im2col" else jax.lax.conv_general_dilated
+  if impl == "im2col":
+    return im2col.conv_general_dilated
+  one_cpu = jax.default_backend() == "cpu" and jax.local_device_count() == 1
+  if impl == "auto" and train and one_cpu:
+    return functools.partial(im2col.conv_general_dilated,
+                             max_patch_bytes=AUTO_MAX_PATCH_BYTES)
+  return jax.lax.conv_general_dilated
 
 
 def avg_pool_2x2(x):
@@ -48,7 +59,7 @@ class CNN(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
-    conv_fn = conv_function(self.conv)
+    conv_fn = conv_function(self.conv, train)
     for f in self.features:
       x = nn.Conv(f, (3, 3), dtype=self.dtype, conv_general_dilated=conv_fn)(x)
       x = nn.relu(x)
