@@ -39,7 +39,7 @@ def test_typo_in_override_suggests_the_field():
 
 
 def test_unknown_nested_override_lists_valid_keys():
-  with pytest.raises(UserError, match="valid keys of model: dense, dropout, features, name"):
+  with pytest.raises(UserError, match="valid keys of model: conv, dense, dropout, features, name"):
     config_check.check_overrides(load_config("fashion_cnn"), ["--config.model.nope.x=1"])
 
 
