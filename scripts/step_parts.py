@@ -22,19 +22,9 @@ import optax
 
 from flaxtrain.models import im2col
 
-DN = ("NHWC", "HWIO", "NHWC")
-
 
 def conv(x, w):
-  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
-
-
-def im2col_3x3(x):
-  """[B, H, W, C] -> [B*H*W, 9*C] patches of a 3x3 SAME convolution (pad and slice)."""
-  b, h, w, c = x.shape
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  cols = [xp[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)]
-  return jnp.concatenate(cols, -1).reshape(b * h * w, 9 * c)
+  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=im2col.NHWC)
 
 
 def timed(fn, *args, calls):
@@ -96,7 +86,7 @@ def main():
     ("conv2 forward", conv, (x2, w2)),
     ("conv2 weight gradient", grad_w, (x2, w2, g2)),
     ("conv2 input gradient", grad_x, (x2, w2, g2)),
-    ("conv2 im2col", im2col_3x3, (x2,)),
+    ("conv2 im2col", im2col.patches_3x3, (x2,)),
     ("conv2 as matmul: fwd", lambda a, m: a @ m, (patches, wmat)),
     ("conv2 as matmul: dW", lambda a, g: a.T @ g, (patches, gmat)),
     ("conv2 as matmul: dX", lambda g, m: g @ m.T, (gmat, wmat)),
