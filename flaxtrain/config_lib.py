@@ -51,7 +51,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # is small enough); otherwise batches are gathered on the host and transferred.
   c.dataset.on_device = "auto"
 
-  # Train-time augmentation, per example on the device (see flaxtrain/augment.py).
+  # Train-time augmentation, per example on the device (see flaxtrain/data/augment.py).
   c.augment = ml_collections.ConfigDict()
   c.augment.crop_padding = 0  # Pixels of zero padding for a random crop (0: off).
   c.augment.flip = False  # Random left-right mirror.

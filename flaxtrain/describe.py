@@ -56,7 +56,7 @@ def data_and_devices(exp) -> str:
       f"Devices: {par.describe()}.",
       f"Batch {batch:,} = {batch // par.num_devices:,} per device; "
       f"{plan.steps_per_epoch:,} steps per epoch; {plan.total_steps:,} steps "
-      f"({epochs:g} epochs); eval batch {exp.pipe.eval_batch_size:,}.",
+      f"({epochs:g} epochs); eval batch {exp.data.plan.eval_batch_size:,}.",
   ])
 
 

@@ -21,10 +21,7 @@ from absl import logging
 from clu import asynclib, metric_writers, parameter_overview, periodic_actions
 
 from flaxtrain import (
-  augment,
   checkpointing,
-  datasets,
-  input_pipeline,
   models,
   optimizers,
   parallel,
@@ -33,6 +30,7 @@ from flaxtrain import (
   workdirs,
 )
 from flaxtrain import metrics as metrics_lib
+from flaxtrain.data import augment, plan as plan_lib, prepare, sources
 from flaxtrain.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -320,7 +318,7 @@ def make_train_chunk(model, tx, schedule, task, config, dtype, max_steps: int,
   def chunk(state, inputs, num_steps):
     if max_steps == 1:
       # No loop: XLA:CPU runs convolutions whose kernels are loop-carried ~15x slower.
-      new, metrics, bad = guarded_step(state, input_pipeline.take(inputs, 0))
+      new, metrics, bad = guarded_step(state, plan_lib.take(inputs, 0))
       return new, parallel.gather_metrics(metrics), bad
 
     def cond(carry):
@@ -329,7 +327,7 @@ def make_train_chunk(model, tx, schedule, task, config, dtype, max_steps: int,
 
     def body(carry):
       i, state, metrics, _ = carry
-      new, step_metrics, bad = guarded_step(state, input_pipeline.take(inputs, i))
+      new, step_metrics, bad = guarded_step(state, plan_lib.take(inputs, i))
       return i + 1, new, metrics.merge(step_metrics), bad
 
     carry = (jnp.int32(0), state, metrics_cls.empty(), jnp.int32(-1))
@@ -351,7 +349,7 @@ def make_eval(model, task, dtype, num_steps: int, metrics_cls):
     variables = {"params": eval_params(state), **state.model_state}
 
     def body(i, metrics):
-      batch = input_pipeline.take(inputs, i)
+      batch = plan_lib.take(inputs, i)
       x = preprocess(batch["image"], dtype)
       per_example, task_metrics = task.loss(model.apply(variables, x, train=False), batch, x)
       return metrics.merge(metrics_cls.single_from_model_output(
@@ -370,7 +368,7 @@ def make_predict(model, task, dtype, num_steps: int):
     variables = {"params": eval_params(state), **state.model_state}
 
     def one(i):
-      batch = input_pipeline.take(inputs, i)
+      batch = plan_lib.take(inputs, i)
       x = preprocess(batch["image"], dtype)
       return task.predict(model.apply(variables, x, train=False))
 
@@ -430,15 +428,8 @@ class Experiment:
     self.par = par = par or parallel.DataParallel()
     validate(config, par)
     _prepare_data_once(config, par)
-    self.spec, train_data, eval_data = datasets.load(
-        config.dataset.name, data_dir=config.dataset.data_dir,
-        manual_dir=config.dataset.manual_dir, train_split=config.dataset.train_split,
-        eval_split=config.dataset.eval_split)
-    augment.validate(config.augment, self.spec.image_shape)
-    self.pipe = input_pipeline.Pipeline(
-        train_data, eval_data, par=par, seed=config.seed, batch_size=config.batch_size,
-        eval_batch_size=config.eval_batch_size, on_device=config.dataset.on_device)
-    self.plan = make_plan(config, self.pipe.steps_per_epoch, par.devices[0].platform)
+    self.spec, self.data = sources.make(config, par)
+    self.plan = make_plan(config, self.data.plan.steps_per_epoch, par.devices[0].platform)
     self.dtype = DTYPES[config.compute_dtype]
     model_cfg = config.model
     if config.topology_invariant_shards and model_cfg.get("conv") == "auto":
@@ -456,7 +447,8 @@ class Experiment:
     self._chunk_fn = make_train_chunk(self.model, self.tx, self.schedule, self.task, config,
                                       self.dtype, self.plan.steps_per_dispatch,
                                       self.train_metrics, par.num_devices)
-    self._train_chunk = self._evaluate = self._predict = self._eval_batches = None
+    self._train_chunk = None
+    self._evaluate, self._predict = {}, {}  # Compiled per eval chunk length.
 
   # ------------------------------------------------------------- state
 
@@ -481,47 +473,49 @@ class Experiment:
 
   def train_chunk(self, state: TrainState, start_step: int, num_steps: int):
     """Runs steps start_step+1..start_step+num_steps; returns (state, metrics, bad step)."""
-    batches = self.pipe.train_batches(start_step, num_steps, self.plan.steps_per_dispatch)
+    batches = self.data.train_batches(start_step, num_steps, self.plan.steps_per_dispatch)
     if self._train_chunk is None:  # Compiled at the first chunk, with the input's specs.
       self._train_chunk = self.par.compile(
           self._chunk_fn, in_specs=(parallel.REPLICATED, batches.specs, parallel.REPLICATED),
           out_specs=parallel.REPLICATED, donate_argnums=(0,))
     return self._train_chunk(state, batches.inputs, np.int32(num_steps))
 
-  def _eval_inputs(self):
-    if self._eval_batches is None:
-      self._eval_batches = self.pipe.eval_batches()
-    b = self._eval_batches
-    return b, b.inputs["mask"].shape[0]
-
   def evaluate(self, state: TrainState) -> dict:
     """Exact metrics over the whole eval split: every example counted once."""
-    batches, steps = self._eval_inputs()
-    if self._evaluate is None:
-      self._evaluate = self.par.compile(
-          make_eval(self.model, self.task, self.dtype, steps, self.eval_metrics),
-          in_specs=(parallel.REPLICATED, batches.specs), out_specs=parallel.REPLICATED)
-    values = self.par.to_host(self._evaluate(state, batches.inputs)).compute()
+    total = None
+    for batches in self.data.eval_batches():
+      steps = batches.inputs["mask"].shape[0]
+      if steps not in self._evaluate:
+        self._evaluate[steps] = self.par.compile(
+            make_eval(self.model, self.task, self.dtype, steps, self.eval_metrics),
+            in_specs=(parallel.REPLICATED, batches.specs), out_specs=parallel.REPLICATED)
+      chunk = self.par.to_host(self._evaluate[steps](state, batches.inputs))
+      total = chunk if total is None else total.merge(chunk)
+    values = total.compute()
     out = {f"eval_{k}": float(v) for k, v in values.items() if k != "examples"}
     out["eval_examples"] = int(values["examples"])
     return out
 
   def predict(self, state: TrainState, num: int | None = None) -> dict:
     """Host arrays over the first `num` eval examples: image, label, output."""
-    batches, steps = self._eval_inputs()
-    if self._predict is None:
-      self._predict = self.par.compile(
-          make_predict(self.model, self.task, self.dtype, steps),
-          in_specs=(parallel.REPLICATED, batches.specs), out_specs=parallel.STEPS_BATCH)
-    out = self._predict(state, batches.inputs)
-    if self.par.num_processes > 1:
-      from jax.experimental import multihost_utils
-      out = multihost_utils.process_allgather(out, tiled=True)
-    out = np.asarray(out)
-    n = self.pipe.num_eval if num is None else min(num, self.pipe.num_eval)
-    out = out.reshape((-1, *out.shape[2:]))[:n]
-    return {"image": self.pipe.eval["image"][:n], "label": self.pipe.eval["label"][:n],
-            "output": out}
+    num = self.data.plan.num_eval if num is None else min(num, self.data.plan.num_eval)
+    outputs, rows = [], 0
+    for batches in self.data.eval_batches():
+      steps = batches.inputs["mask"].shape[0]
+      if steps not in self._predict:
+        self._predict[steps] = self.par.compile(
+            make_predict(self.model, self.task, self.dtype, steps),
+            in_specs=(parallel.REPLICATED, batches.specs), out_specs=parallel.STEPS_BATCH)
+      out = self._predict[steps](state, batches.inputs)
+      if self.par.num_processes > 1:
+        from jax.experimental import multihost_utils
+        out = multihost_utils.process_allgather(out, tiled=True)
+      out = np.asarray(out)
+      outputs.append(out.reshape((-1, *out.shape[2:])))
+      rows += outputs[-1].shape[0]
+      if rows >= num:
+        break
+    return {**self.data.eval_examples(num), "output": np.concatenate(outputs)[:num]}
 
   def eval_variables(self, state: TrainState) -> dict:
     """Host variables for `model.apply`: the evaluated params plus the model state."""
@@ -563,11 +557,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   start_time = time.time()
   exp = Experiment(config, par)
-  par, plan, pipe = exp.par, exp.plan, exp.pipe
+  par, plan = exp.par, exp.plan
   logging.info("Devices: %s; global batch %d = %d per device; %d steps (%d per epoch); "
                "data %s.", par.describe(), config.batch_size,
                config.batch_size // par.num_devices, plan.total_steps, plan.steps_per_epoch,
-               "on device" if pipe.on_device else "gathered on host")
+               exp.data.description)
   if progress is not None:
     progress.start(total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch,
                    batch_size=config.batch_size)
@@ -716,7 +710,7 @@ def _prepare_data_once(config, par):
   error = None
   if par.process_index == 0:
     try:
-      datasets.prepare(config.dataset.name, data_dir=config.dataset.data_dir,
+      prepare.prepare(config.dataset.name, data_dir=config.dataset.data_dir,
                        manual_dir=config.dataset.manual_dir)
     except UserError as e:
       error = e

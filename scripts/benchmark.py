@@ -113,14 +113,13 @@ def worker_flaxtrain(spec: dict) -> dict:
 
   from flaxtrain import (
     checkpointing,
-    datasets,
-    input_pipeline,
     main,
     models,
     parallel,
     tasks,
     train,
   )
+  from flaxtrain.data import memory
 
   def on_event(event, seconds, **kwargs):
     if event.startswith("/jax/core/compile/"):
@@ -130,7 +129,7 @@ def worker_flaxtrain(spec: dict) -> dict:
   jax.monitoring.register_event_duration_secs_listener(on_event)
 
   calls = []  # (enter, exit, start_step, num_steps) of every Pipeline.train_batches call.
-  orig_train_batches = input_pipeline.Pipeline.train_batches
+  orig_train_batches = memory.MemorySource.train_batches
 
   def train_batches(self, start_step, num_steps, chunk):
     t = time.perf_counter()
@@ -138,7 +137,7 @@ def worker_flaxtrain(spec: dict) -> dict:
     calls.append((t, time.perf_counter(), start_step, num_steps))
     return out
 
-  input_pipeline.Pipeline.train_batches = train_batches
+  memory.MemorySource.train_batches = train_batches
 
   evals = []  # (seconds, first_call) of the compiled eval function.
   chunks = []  # (start, dispatch seconds, dispatch + compute seconds) of each train call.
@@ -196,7 +195,7 @@ def worker_flaxtrain(spec: dict) -> dict:
   checkpointing.Checkpointer.save, checkpointing.Checkpointer.wait = save, wait
 
   captured = {}
-  orig_load = datasets.load
+  orig_load = memory.load
 
   def load(*a, **k):
     t = time.perf_counter()
@@ -204,7 +203,7 @@ def worker_flaxtrain(spec: dict) -> dict:
     captured["spec"], captured["data_load_s"] = out[0], time.perf_counter() - t
     return out
 
-  datasets.load = load
+  memory.load = load
   orig_tae = train.train_and_evaluate
 
   def train_and_evaluate(config, workdir, *a, **k):
@@ -362,18 +361,18 @@ def _load_arrays(spec: dict):
   if spec.get("npz"):
     d = np.load(spec["npz"])
     return d["train_image"], d["train_label"], d["test_image"], d["test_label"]
-  from flaxtrain import datasets
+  from flaxtrain.data import memory
 
-  _, tr, te = datasets.load("fashion_mnist", data_dir=spec.get("data_dir"))
+  _, tr, te = memory.load("fashion_mnist", data_dir=spec.get("data_dir"))
   return tr["image"], tr["label"], te["image"], te["label"]
 
 
 def worker_data(spec: dict) -> dict:
   import numpy as np
 
-  from flaxtrain import datasets
+  from flaxtrain.data import memory
 
-  _, tr, te = datasets.load("fashion_mnist", data_dir=spec.get("data_dir"))
+  _, tr, te = memory.load("fashion_mnist", data_dir=spec.get("data_dir"))
   np.savez(
     spec["npz"],
     train_image=tr["image"],

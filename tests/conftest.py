@@ -34,21 +34,21 @@ def synthetic_split(n: int, seed: int, shape=(28, 28, 1), num_classes: int = 10)
 
 @pytest.fixture
 def synthetic_data(monkeypatch):
-  """Replaces datasets.load with a small learnable dataset (2,048 train / 500 eval)."""
+  """Replaces memory.load with a small learnable dataset (2,048 train / 500 eval)."""
   return patch_synthetic(monkeypatch)
 
 
 def patch_synthetic(monkeypatch):
-  from flaxtrain import datasets
+  from flaxtrain.data import memory, prepare
 
   def load(name, **_):
-    spec = datasets.DatasetSpec(name=name, image_shape=(28, 28, 1), num_classes=10,
+    spec = prepare.DatasetSpec(name=name, image_shape=(28, 28, 1), num_classes=10,
                                 class_names=tuple(str(i) for i in range(10)),
                                 train_split="train", eval_split="test",
                                 num_train=2048, num_eval=500)
     return spec, synthetic_split(2048, 0), synthetic_split(500, 1)
 
-  monkeypatch.setattr(datasets, "load", load)
+  monkeypatch.setattr(memory, "load", load)
   return load
 
 
@@ -73,12 +73,12 @@ def tiny_config(**overrides):
 @pytest.fixture(scope="session")
 def real_data_dir(tmp_path_factory):
   """A TFDS data dir with the real Fashion-MNIST prepared (offline, from Debian's copy)."""
-  from flaxtrain import datasets
-  if not os.path.isdir(datasets.SYSTEM_COPIES["fashion_mnist"]) and not os.environ.get(
+  from flaxtrain.data import prepare
+  if not os.path.isdir(prepare.SYSTEM_COPIES["fashion_mnist"]) and not os.environ.get(
       "TFDS_DATA_DIR"):
     pytest.skip("needs Debian's dataset-fashion-mnist (CI installs it) or a TFDS_DATA_DIR")
   data_dir = os.environ.get("TFDS_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
-  datasets.prepare("fashion_mnist", data_dir=data_dir)
+  prepare.prepare("fashion_mnist", data_dir=data_dir)
   return data_dir
 
 

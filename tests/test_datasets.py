@@ -1,4 +1,4 @@
-"""Tests for flaxtrain.datasets: gzip header restoration, preparation paths, user errors."""
+"""Tests for flaxtrain.data.prepare and memory.load: gzip header restoration, preparation paths, user errors."""
 
 import gzip
 import hashlib
@@ -11,11 +11,11 @@ import pytest
 import requests
 import tensorflow_datasets as tfds
 
-from flaxtrain import datasets
+from flaxtrain.data import memory, prepare
 from flaxtrain.errors import UserError
 
-DEBIAN_DIR = datasets.SYSTEM_COPIES["fashion_mnist"]
-FASHION_FILES = sorted(datasets.ORIGINAL_GZIP_HEADERS["fashion_mnist"])
+DEBIAN_DIR = prepare.SYSTEM_COPIES["fashion_mnist"]
+FASHION_FILES = sorted(prepare.ORIGINAL_GZIP_HEADERS["fashion_mnist"])
 needs_debian_copy = pytest.mark.skipif(
   not os.path.isdir(DEBIAN_DIR),
   reason=f"{DEBIAN_DIR} absent: apt-get install dataset-fashion-mnist")
@@ -61,7 +61,7 @@ def assert_one_sentence(err: pytest.ExceptionInfo, *fragments: str) -> str:
 @pytest.fixture(autouse=True)
 def no_proxy(monkeypatch):
   """A proxy switches off the fail-fast offline check; tests must not depend on the host's."""
-  for var in datasets._PROXY_VARS:
+  for var in prepare._PROXY_VARS:
     monkeypatch.delenv(var, raising=False)
 
 
@@ -79,10 +79,10 @@ def offline(monkeypatch):
 @needs_debian_copy
 @pytest.mark.parametrize("fname", FASHION_FILES)
 def test_restore_gzip_header_reproduces_tfds_checksum(tmp_path, fname):
-  original_name, mtime = datasets.ORIGINAL_GZIP_HEADERS["fashion_mnist"][fname]
+  original_name, mtime = prepare.ORIGINAL_GZIP_HEADERS["fashion_mnist"][fname]
   src, dst = os.path.join(DEBIAN_DIR, fname), tmp_path / fname
   assert sha256(src) != registered_sha256("fashion_mnist")[fname]  # Debian's header differs.
-  datasets.restore_gzip_header(src, dst, original_name=original_name, mtime=mtime)
+  prepare.restore_gzip_header(src, dst, original_name=original_name, mtime=mtime)
   assert sha256(dst) == registered_sha256("fashion_mnist")[fname]
   assert os.listdir(tmp_path) == [fname]  # No temporary file left behind.
 
@@ -90,11 +90,11 @@ def test_restore_gzip_header_reproduces_tfds_checksum(tmp_path, fname):
 @needs_debian_copy
 def test_restore_gzip_header_keeps_content_and_is_idempotent(tmp_path):
   fname = "t10k-labels-idx1-ubyte.gz"
-  original_name, mtime = datasets.ORIGINAL_GZIP_HEADERS["fashion_mnist"][fname]
+  original_name, mtime = prepare.ORIGINAL_GZIP_HEADERS["fashion_mnist"][fname]
   once, twice = tmp_path / "once.gz", tmp_path / "twice.gz"
-  datasets.restore_gzip_header(os.path.join(DEBIAN_DIR, fname), once,
+  prepare.restore_gzip_header(os.path.join(DEBIAN_DIR, fname), once,
                                original_name=original_name, mtime=mtime)
-  datasets.restore_gzip_header(once, twice, original_name=original_name, mtime=mtime)
+  prepare.restore_gzip_header(once, twice, original_name=original_name, mtime=mtime)
   assert once.read_bytes() == twice.read_bytes()  # An original file is copied unchanged.
   with gzip.open(os.path.join(DEBIAN_DIR, fname)) as a, gzip.open(once) as b:
     assert a.read() == b.read()
@@ -106,7 +106,7 @@ def test_restore_gzip_header_handles_all_optional_fields(tmp_path):
   src = tmp_path / "src.gz"
   src.write_bytes(b"\x1f\x8b\x08\x1e\0\0\0\0\x02\x03" + b"\x03\0abc" + b"old\0" + b"note\0"
                   + b"\0\0" + body)
-  datasets.restore_gzip_header(src, tmp_path / "dst.gz", original_name="new", mtime=7)
+  prepare.restore_gzip_header(src, tmp_path / "dst.gz", original_name="new", mtime=7)
   assert (tmp_path / "dst.gz").read_bytes() == (
     b"\x1f\x8b\x08\x08\x07\0\0\0\x02\x03new\0" + body)
   assert gzip.decompress((tmp_path / "dst.gz").read_bytes()) == b"payload"
@@ -115,7 +115,7 @@ def test_restore_gzip_header_handles_all_optional_fields(tmp_path):
 def test_restore_gzip_header_rejects_non_gzip(tmp_path):
   (tmp_path / "a.gz").write_bytes(b"not a gzip file")
   with pytest.raises(ValueError, match="not a gzip file"):
-    datasets.restore_gzip_header(tmp_path / "a.gz", tmp_path / "b.gz", original_name="a",
+    prepare.restore_gzip_header(tmp_path / "a.gz", tmp_path / "b.gz", original_name="a",
                                  mtime=0)
   assert not (tmp_path / "b.gz").exists()
 
@@ -131,13 +131,13 @@ def fashion_data_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(socket, "getaddrinfo", lambda *a, **k: pytest.fail("used the network"))
-    loaded = datasets.load("fashion_mnist", data_dir=data_dir, manual_dir=None)
+    loaded = memory.load("fashion_mnist", data_dir=data_dir, manual_dir=None)
   return data_dir, loaded
 
 
 def test_load_fashion_mnist_from_system_copy(fashion_data_dir):
   data_dir, (spec, train, eval_) = fashion_data_dir
-  assert spec == datasets.DatasetSpec(
+  assert spec == prepare.DatasetSpec(
     name="fashion_mnist", image_shape=(28, 28, 1), num_classes=10,
     class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                  "Sneaker", "Bag", "Ankle boot"),
@@ -149,22 +149,22 @@ def test_load_fashion_mnist_from_system_copy(fashion_data_dir):
 
 
 def test_prepared_copy_needs_no_source(fashion_data_dir, monkeypatch):
-  monkeypatch.setattr(datasets, "SYSTEM_COPIES", {})
+  monkeypatch.setattr(prepare, "SYSTEM_COPIES", {})
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
                       lambda *a, **k: pytest.fail("prepared again"))
-  builder = datasets.prepare("fashion_mnist", data_dir=fashion_data_dir[0])
+  builder = prepare.prepare("fashion_mnist", data_dir=fashion_data_dir[0])
   assert builder.is_prepared()
   # A manual_dir the user names is still checked, even though it would not be needed.
   with pytest.raises(UserError, match="manual_dir=/nonexistent is not a readable directory"):
-    datasets.prepare("fashion_mnist", data_dir=fashion_data_dir[0], manual_dir="/nonexistent")
+    prepare.prepare("fashion_mnist", data_dir=fashion_data_dir[0], manual_dir="/nonexistent")
 
 
 def test_load_mnist_on_mock_data(tmp_path, monkeypatch):
   # mock_data makes download_and_prepare a no-op; stand in for a machine with internet.
-  monkeypatch.setattr(datasets, "_fail_fast_if_offline", lambda builder: None)
+  monkeypatch.setattr(prepare, "_fail_fast_if_offline", lambda builder: None)
   with tfds.testing.mock_data(num_examples=7):
-    spec, train, eval_ = datasets.load("mnist", data_dir=str(tmp_path))
-  assert spec == datasets.DatasetSpec(
+    spec, train, eval_ = memory.load("mnist", data_dir=str(tmp_path))
+  assert spec == prepare.DatasetSpec(
     name="mnist", image_shape=(28, 28, 1), num_classes=10,
     class_names=tuple(str(i) for i in range(10)), train_split="train", eval_split="test",
     num_train=7, num_eval=7)
@@ -174,7 +174,7 @@ def test_load_mnist_on_mock_data(tmp_path, monkeypatch):
 
 
 def test_load_takes_shapes_classes_and_slices_from_tfds(tmp_path):
-  spec, train, eval_ = datasets.load("flaxtrain_tiny_images", data_dir=str(tmp_path),
+  spec, train, eval_ = memory.load("flaxtrain_tiny_images", data_dir=str(tmp_path),
                                      train_split="train[:50%]")
   assert (spec.image_shape, spec.num_classes, spec.class_names) == ((4, 5, 3), 2, ("cat", "dog"))
   assert (spec.num_train, spec.num_eval) == (3, 4)
@@ -186,34 +186,34 @@ def test_load_takes_shapes_classes_and_slices_from_tfds(tmp_path):
 
 def test_unknown_dataset_suggests_close_match():
   with pytest.raises(UserError) as err:
-    datasets.load("fashon_mnist")
+    memory.load("fashon_mnist")
   assert_one_sentence(err, "'fashon_mnist'", "fashion_mnist", "tfds.list_builders()")
   assert err.value.__cause__ is not None
 
 
 def test_dataset_without_image_and_label():
   with pytest.raises(UserError) as err:
-    datasets.prepare("imdb_reviews")  # 'text' and 'label': fails before any download.
+    prepare.prepare("imdb_reviews")  # 'text' and 'label': fails before any download.
   assert_one_sentence(err, "imdb_reviews", "'image'", "image classification")
 
 
 def test_dataset_with_varying_image_size():
   with pytest.raises(UserError) as err:
-    datasets.prepare("cats_vs_dogs")
+    prepare.prepare("cats_vs_dogs")
   assert_one_sentence(err, "varying size", "fixed image shape")
 
 
 @pytest.mark.parametrize("name", ["mnist/nope", "mnist:9.9.9"])
 def test_missing_config_or_version(name):
   with pytest.raises(UserError) as err:
-    datasets.prepare(name)
+    prepare.prepare(name)
   assert_one_sentence(err, repr(name), "config or version")
   assert err.value.__cause__ is not None
 
 
 def test_missing_manual_dir(tmp_path):
   with pytest.raises(UserError) as err:
-    datasets.load("fashion_mnist", data_dir=str(tmp_path), manual_dir=str(tmp_path / "nope"))
+    memory.load("fashion_mnist", data_dir=str(tmp_path), manual_dir=str(tmp_path / "nope"))
   assert_one_sentence(err, f"--config.dataset.manual_dir={tmp_path / 'nope'}", "directory")
 
 
@@ -222,7 +222,7 @@ def test_manual_dir_missing_files_names_them(tmp_path):
   manual.mkdir()
   (manual / "train-images-idx3-ubyte.gz").write_bytes(b"")
   with pytest.raises(UserError) as err:
-    datasets.load("fashion_mnist", data_dir=str(tmp_path / "data"), manual_dir=str(manual))
+    memory.load("fashion_mnist", data_dir=str(tmp_path / "data"), manual_dir=str(manual))
   msg = assert_one_sentence(err, "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
                             "train-labels-idx1-ubyte.gz")
   assert "train-images" not in msg
@@ -234,7 +234,7 @@ def test_manual_dir_with_wrong_files_fails_checksum(tmp_path):
   for fname in FASHION_FILES:
     (manual / fname).write_bytes(gzip.compress(b"not the dataset"))
   with pytest.raises(UserError) as err:
-    datasets.load("fashion_mnist", data_dir=str(tmp_path / "data"), manual_dir=str(manual))
+    memory.load("fashion_mnist", data_dir=str(tmp_path / "data"), manual_dir=str(manual))
   msg = assert_one_sentence(err, "checksum", str(manual))
   assert any(f in msg for f in FASHION_FILES), msg
   assert type(err.value.__cause__).__name__ == "NonMatchingChecksumError"
@@ -248,40 +248,40 @@ def test_manual_dir_with_non_gzip_file(tmp_path):
   for fname in FASHION_FILES:
     (manual / fname).write_bytes(b"html error page")
   with pytest.raises(UserError) as err:
-    datasets.load("fashion_mnist", data_dir=str(tmp_path / "data"), manual_dir=str(manual))
+    memory.load("fashion_mnist", data_dir=str(tmp_path / "data"), manual_dir=str(manual))
   assert_one_sentence(err, "is not a gzip file", "original")
 
 
 def test_bad_split_lists_valid_ones(tmp_path):
   with pytest.raises(UserError) as err:
-    datasets.load("flaxtrain_tiny_images", data_dir=str(tmp_path), eval_split="validation")
+    memory.load("flaxtrain_tiny_images", data_dir=str(tmp_path), eval_split="validation")
   assert_one_sentence(err, "'validation'", "test, train")
 
 
 def test_empty_split(tmp_path):
   with pytest.raises(UserError) as err:
-    datasets.load("flaxtrain_tiny_images", data_dir=str(tmp_path), train_split="train[:0]")
+    memory.load("flaxtrain_tiny_images", data_dir=str(tmp_path), train_split="train[:0]")
   assert_one_sentence(err, "'train[:0]'", "empty")
 
 
 def test_offline_without_copy_when_download_fails(tmp_path, monkeypatch):
   def fail_download(*args, **kwargs):
     raise requests.ConnectionError("no network")
-  monkeypatch.setattr(datasets, "_fail_fast_if_offline", lambda builder: None)
+  monkeypatch.setattr(prepare, "_fail_fast_if_offline", lambda builder: None)
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fail_download)
   with pytest.raises(UserError) as err:
-    datasets.load("mnist", data_dir=str(tmp_path))
+    memory.load("mnist", data_dir=str(tmp_path))
   msg = assert_one_sentence(err, "internet", "--config.dataset.manual_dir=DIR")
   assert "apt-get" not in msg  # Debian packages fashion_mnist only.
   assert isinstance(err.value.__cause__, requests.ConnectionError)
 
 
 def test_offline_fails_fast_and_names_debian_package(tmp_path, monkeypatch, offline):
-  monkeypatch.setattr(datasets, "SYSTEM_COPIES", {})  # As if the package were not installed.
+  monkeypatch.setattr(prepare, "SYSTEM_COPIES", {})  # As if the package were not installed.
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
                       lambda *a, **k: pytest.fail("waited for TFDS's retries"))
   with pytest.raises(UserError) as err:
-    datasets.load("fashion_mnist", data_dir=str(tmp_path))
+    memory.load("fashion_mnist", data_dir=str(tmp_path))
   assert_one_sentence(err, "internet", "--config.dataset.manual_dir=DIR",
                       "apt-get install dataset-fashion-mnist")
   assert isinstance(err.value.__cause__, socket.gaierror)
@@ -293,4 +293,4 @@ def test_offline_check_defers_to_tfds_cache(tmp_path, monkeypatch, offline):
   manual.mkdir(parents=True)
   shutil.copy(__file__, manual / "train-labels-idx1-ubyte.gz")
   builder = tfds.builder("mnist", data_dir=str(tmp_path))
-  datasets._fail_fast_if_offline(builder)  # Does not raise.
+  prepare._fail_fast_if_offline(builder)  # Does not raise.

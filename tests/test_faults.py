@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, patch_synthetic, tiny_config
 
-from flaxtrain import checkpointing, datasets, train
+from flaxtrain import checkpointing, train
+from flaxtrain.data import prepare
 from flaxtrain.errors import UserError
 
 # Reading a damaged checkpoint leaves Orbax coroutines that complain when collected.
@@ -142,7 +143,7 @@ def metadata_target(step_dir: pathlib.Path):
 
 @pytest.fixture(scope="module")
 def data_dir():
-  if not os.path.isdir(datasets.SYSTEM_COPIES["fashion_mnist"]) and not os.environ.get(
+  if not os.path.isdir(prepare.SYSTEM_COPIES["fashion_mnist"]) and not os.environ.get(
       "TFDS_DATA_DIR"):
     pytest.skip("needs Debian's dataset-fashion-mnist (CI installs it) or a TFDS_DATA_DIR")
 

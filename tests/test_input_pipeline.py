@@ -3,19 +3,20 @@ import numpy as np
 import pytest
 from conftest import synthetic_split
 
-from flaxtrain import input_pipeline, parallel
+from flaxtrain import parallel
+from flaxtrain.data import memory, plan
 from flaxtrain.errors import UserError
 
 
 def _pipe(devices=None, n_train=1000, n_eval=10_000, batch=64, eval_batch=256, on_device="auto",
           seed=0):
   par = parallel.DataParallel(devices)
-  return input_pipeline.Pipeline(
+  return memory.MemorySource(
       synthetic_split(n_train, 0), synthetic_split(n_eval, 1), par=par, seed=seed,
       batch_size=batch, eval_batch_size=eval_batch, on_device=on_device)
 
 
-def _per_device_labels(batches: input_pipeline.Batches, split: dict):
+def _per_device_labels(batches: plan.Batches, split: dict):
   """[steps, devices, per_device] labels as each device sees them."""
   if "idx" in batches.inputs:
     arr = batches.inputs["idx"]
@@ -32,23 +33,23 @@ def test_four_devices_each_get_a_quarter_of_the_global_batch():
   b = pipe.train_batches(0, 3, 5)
   labels = _per_device_labels(b, pipe.train)
   assert labels.shape == (5, 4, 16)
-  perm = pipe.permutation(0)
+  perm = pipe.plan.permutation(0)
   expected = pipe.train["label"][perm[:192]].reshape(3, 64)
   np.testing.assert_array_equal(labels[:3].reshape(3, 64), expected)
 
 
 def test_order_is_a_pure_function_of_seed_epoch_step():
   a, b = _pipe(), _pipe()
-  np.testing.assert_array_equal(a.train_indices(40, 10, 10), b.train_indices(40, 10, 10))
+  np.testing.assert_array_equal(a.plan.train_indices(40, 10, 10), b.plan.train_indices(40, 10, 10))
   # Resuming mid-chunk sees the same rows as the uninterrupted sequence.
-  full = a.train_indices(10, 10, 10)
-  np.testing.assert_array_equal(full[3:], b.train_indices(13, 7, 7))
+  full = a.plan.train_indices(10, 10, 10)
+  np.testing.assert_array_equal(full[3:], b.plan.train_indices(13, 7, 7))
   # Each epoch is a permutation: no example repeats within an epoch.
-  spe = a.steps_per_epoch
-  epoch = a.train_indices(0, spe, spe).ravel()
+  spe = a.plan.steps_per_epoch
+  epoch = a.plan.train_indices(0, spe, spe).ravel()
   assert len(np.unique(epoch)) == len(epoch)
-  assert not np.array_equal(a.permutation(0), a.permutation(1))
-  assert not np.array_equal(a.permutation(0), _pipe(seed=1).permutation(0))
+  assert not np.array_equal(a.plan.permutation(0), a.plan.permutation(1))
+  assert not np.array_equal(a.plan.permutation(0), _pipe(seed=1).plan.permutation(0))
 
 
 def test_batches_do_not_depend_on_device_count_or_layout():
@@ -66,8 +67,8 @@ def test_batches_do_not_depend_on_device_count_or_layout():
                                                        (9_999, 256, 4), (7, 256, 2)])
 def test_eval_counts_every_example_exactly_once(n_eval, eval_batch, devices):
   pipe = _pipe(devices=jax.devices()[:devices], n_eval=n_eval, eval_batch=eval_batch)
-  idx, mask = pipe.eval_indices()
-  assert pipe.eval_batch_size % devices == 0
+  idx, mask = pipe.plan.eval_indices()
+  assert pipe.plan.eval_batch_size % devices == 0
   assert mask.sum() == n_eval
   counts = np.bincount(idx[mask > 0], minlength=n_eval)
   assert (counts == 1).all()

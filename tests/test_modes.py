@@ -102,7 +102,7 @@ def test_export_round_trip(run):
   variables = run.exp.eval_variables(state)
   loaded = flax.serialization.from_bytes(variables, (out / "params.msgpack").read_bytes())
   assert jax.tree.all(jax.tree.map(np.array_equal, loaded, variables))
-  images = run.exp.pipe.eval["image"]
+  images = run.exp.data.eval["image"]
   for n in (3, 7):  # The batch dimension is symbolic.
     expected = jax.nn.softmax(run.exp.model.apply(
         variables, train.preprocess(images[:n], run.exp.dtype), train=False))
@@ -131,7 +131,7 @@ def test_reconstruction_report_and_export(tmp_path, synthetic_data):
   out = export.run(exp, workdir)
   exported = jax.export.deserialize((out / "inference.jax").read_bytes())
   variables = flax.serialization.msgpack_restore((out / "params.msgpack").read_bytes())
-  images = exp.pipe.eval["image"][:4]
+  images = exp.data.eval["image"][:4]
   reconstructed = exported.call(images)
   assert reconstructed.shape == images.shape
   expected = jax.nn.sigmoid(exp.model.apply(variables, train.preprocess(images, exp.dtype)))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import load_config, tiny_config
 
-from flaxtrain import augment, parallel, train
+from flaxtrain import parallel, train
+from flaxtrain.data import augment
 from flaxtrain.errors import UserError
 
 
@@ -281,8 +282,8 @@ def test_an_auxiliary_loss_adds_its_gradient(synthetic_data):
   exp, p0, plain, plain_metrics = step_params(0.0)
   _, _, with_aux, aux_metrics = step_params(lam)
   assert plain_metrics["aux_loss"] == 0.0 and aux_metrics["aux_loss"] > 0.0
-  idx = exp.pipe.train_indices(0, 1, 1)[0]
-  x = train.preprocess(exp.pipe.train["image"][idx])
+  idx = exp.data.plan.train_indices(0, 1, 1)[0]
+  x = train.preprocess(exp.data.train["image"][idx])
 
   def aux(params):
     z = exp.model.apply({"params": params}, x, method=exp.model.encode)
@@ -312,16 +313,16 @@ def test_recipe_configs_take_steps(monkeypatch, name, shape):
   """The recipes as written (model, augmentation, dtype, optimizer), on stand-in data."""
   from conftest import synthetic_split
 
-  from flaxtrain import datasets
+  from flaxtrain.data import memory, prepare
 
   def load(dataset, **_):
-    spec = datasets.DatasetSpec(name=dataset, image_shape=shape, num_classes=10,
+    spec = prepare.DatasetSpec(name=dataset, image_shape=shape, num_classes=10,
                                 class_names=tuple(str(i) for i in range(10)),
                                 train_split="train", eval_split="test",
                                 num_train=64, num_eval=16)
     return spec, synthetic_split(64, 0, shape), synthetic_split(16, 1, shape)
 
-  monkeypatch.setattr(datasets, "load", load)
+  monkeypatch.setattr(memory, "load", load)
   c = load_config(name)
   c.batch_size, c.eval_batch_size = 16, 16
   exp = train.Experiment(c)

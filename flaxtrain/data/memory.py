@@ -1,0 +1,116 @@
+"""The in-memory source: a decoded fixed-size dataset held in host memory.
+
+For splits that fit comfortably in memory (MNIST, CIFAR). Batches follow the shared index
+plan (`plan.py`), in one of two layouts with the same batches:
+  * on device: the whole split is copied once to every device; each step sends only
+    int32 indices and the device gathers its examples (no input stalls);
+  * host: each process gathers the rows its own devices need and transfers them.
+"""
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from flaxtrain import parallel
+from flaxtrain.data import prepare
+from flaxtrain.data.plan import Batches, IndexPlan
+from flaxtrain.errors import UserError
+
+# A split up to this size (bytes, per device) is kept on the devices in 'auto' mode.
+ON_DEVICE_LIMIT = 1 << 30
+_READ_BATCH = 4096  # Examples decoded per TF step when reading a split into memory.
+
+
+def load(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
+         train_split: str = "train", eval_split: str = "test"
+         ) -> tuple[prepare.DatasetSpec, dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Returns (spec, train, eval); each split is {'image': uint8 [N,H,W,C], 'label': int32 [N]}."""
+  builder = prepare.prepare(name, data_dir=data_dir, manual_dir=manual_dir)
+  for split in (train_split, eval_split):  # Both checked before decoding either.
+    prepare.check_split(builder, split)
+  train, eval_ = _read_split(builder, train_split), _read_split(builder, eval_split)
+  label = builder.info.features["label"]
+  spec = prepare.DatasetSpec(
+    name=name, image_shape=tuple(builder.info.features["image"].shape),
+    num_classes=label.num_classes, class_names=tuple(label.names),
+    train_split=train_split, eval_split=eval_split,
+    num_train=len(train["label"]), num_eval=len(eval_["label"]))
+  return spec, train, eval_
+
+
+def _read_split(builder, split: str) -> dict[str, np.ndarray]:
+  """Decodes a whole split into memory as {'image': uint8 NHWC, 'label': int32}.
+
+  Read in fixed-size batches, not `batch_size=-1`: when the split sizes are unknown (as
+  under `tfds.testing.mock_data`), TFDS turns -1 into sys.maxsize and TF aborts the process.
+  """
+  chunks = list(tfds.as_numpy(builder.as_dataset(split=split, batch_size=_READ_BATCH)))
+  # TFDS images always carry a channel axis, (H, W, 1) for grayscale; labels come as int64.
+  return {"image": np.concatenate([c["image"] for c in chunks]).astype(np.uint8, copy=False),
+          "label": np.concatenate([c["label"] for c in chunks]).astype(np.int32)}
+
+
+class MemorySource:
+  """Turns step numbers into device inputs for train and eval, from host arrays."""
+
+  def __init__(self, train: dict, evald: dict, *, par: parallel.DataParallel, seed: int,
+               batch_size: int, eval_batch_size: int, on_device: str = "auto"):
+    self.par = par
+    self.train, self.eval = train, evald
+    self.plan = IndexPlan(num_train=len(train["label"]), num_eval=len(evald["label"]),
+                          batch_size=batch_size, eval_batch_size=eval_batch_size,
+                          num_devices=par.num_devices, seed=seed)
+    self.on_device = self._decide_on_device(on_device)
+    self.description = "in memory, on device" if self.on_device else "in memory, gathered on host"
+    self._tables = {}
+    self._eval_batches = None
+
+  def _decide_on_device(self, mode) -> bool:
+    if mode in (True, "true", "True", "yes"):
+      return True
+    if mode in (False, "false", "False", "no"):
+      return False
+    if mode != "auto":
+      raise UserError(f"dataset.on_device must be 'auto', 'true' or 'false', got {mode!r}.")
+    size = sum(v.nbytes for s in (self.train, self.eval) for v in s.values())
+    return size <= ON_DEVICE_LIMIT
+
+  def _table(self, name: str, split: dict):
+    if name not in self._tables:
+      self._tables[name] = self.par.replicate(split)
+    return self._tables[name]
+
+  def _batches(self, name: str, split: dict, idx: np.ndarray) -> Batches:
+    if self.on_device:
+      return Batches(
+          inputs={"table": self._table(name, split),
+                  "idx": self.par.put(idx, parallel.STEPS_BATCH)},
+          specs={"table": parallel.REPLICATED, "idx": parallel.STEPS_BATCH})
+    inputs = {}
+    for key, values in split.items():
+      shape = idx.shape + values.shape[1:]
+      # Only the rows of this process's devices are gathered on the host.
+      inputs[key] = self.par.put_from_callback(
+          shape, parallel.STEPS_BATCH,
+          lambda index, v=values: v[idx[index[:2]]])
+    return Batches(inputs=inputs, specs={k: parallel.STEPS_BATCH for k in inputs})
+
+  def train_batches(self, start_step: int, num_steps: int, chunk: int) -> Batches:
+    return self._batches("train", self.train,
+                         self.plan.train_indices(start_step, num_steps, chunk))
+
+  def eval_batches(self):
+    """The eval split as chunks of masked batches; here one chunk, kept on the devices."""
+    if self._eval_batches is None:
+      idx, mask = self.plan.eval_indices()
+      b = self._batches("eval", self.eval, idx)
+      b.inputs["mask"] = self.par.put(mask, parallel.STEPS_BATCH)
+      b.specs["mask"] = parallel.STEPS_BATCH
+      self._eval_batches = b
+    yield self._eval_batches
+
+  def eval_examples(self, num: int) -> dict:
+    """The first `num` eval examples as host arrays, as the model sees them."""
+    return {k: v[:num] for k, v in self.eval.items()}
+
+  def close(self):
+    pass

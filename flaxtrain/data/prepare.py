@@ -1,0 +1,310 @@
+"""What TFDS image-classification datasets exist, and how they are made ready to read.
+
+`prepare` makes a dataset ready in the TFDS data dir, trying in order:
+  1. data already prepared there (no network);
+  2. `manual_dir`, the original files, checksums verified by TFDS;
+  3. a known system copy, e.g. Debian's `dataset-fashion-mnist` package;
+  4. TFDS's normal download (the default for anyone with internet).
+
+Debian's Fashion-MNIST files differ from the originals only in their 10-byte gzip header
+(stored file name dropped, mtime changed). Rewriting the original header reproduces the
+files byte for byte, so TFDS's registered sha256 checksums still hold and the stock builder
+prepares the real dataset from them. Debian has no package for plain MNIST.
+"""
+
+import dataclasses
+import difflib
+import functools
+import os
+import pathlib
+import shutil
+import socket
+import struct
+import tempfile
+import urllib.error
+import urllib.parse
+
+import numpy as np
+import requests
+import tensorflow_datasets as tfds
+from absl import logging
+from tensorflow_datasets.core.download import download_manager, resource
+
+from flaxtrain.errors import UserError
+
+# {dataset: {file in manual_dir: (name stored in the original gzip header, original mtime)}}.
+ORIGINAL_GZIP_HEADERS = {
+  "fashion_mnist": {
+    "train-images-idx3-ubyte.gz": ("train-images-idx3-ubyte", 0x59A7E9DE),
+    "train-labels-idx1-ubyte.gz": ("train-labels-idx1-ubyte", 0x59A7E9DE),
+    "t10k-images-idx3-ubyte.gz": ("t10k-images-idx3-ubyte", 0x59A7E9F3),
+    "t10k-labels-idx1-ubyte.gz": ("t10k-labels-idx1-ubyte", 0x59A7E9F3),
+  },
+}
+
+# {dataset: directory where a system package installs the original files}.
+SYSTEM_COPIES = {
+  "fashion_mnist": "/usr/share/datasets/fashion-mnist",  # apt-get install dataset-fashion-mnist
+}
+_SYSTEM_PACKAGES = {"fashion_mnist": "dataset-fashion-mnist"}
+
+# What a failed download looks like (TFDS uses requests, and urllib for ftp).
+_NETWORK_ERRORS = (requests.RequestException, urllib.error.URLError, socket.gaierror,
+                   ConnectionError, TimeoutError, tfds.download.DownloadError)
+_PROXY_VARS = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy",
+               "all_proxy")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  name: str
+  image_shape: tuple[int, int, int]  # (H, W, C) from the TFDS info, never hard-coded
+  num_classes: int
+  class_names: tuple[str, ...]
+  train_split: str
+  eval_split: str
+  num_train: int
+  num_eval: int
+
+
+def prepare(name: str, *, data_dir: str | None = None,
+            manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
+  """Returns the builder of `name` with its data prepared in `data_dir` (see module doc)."""
+  _hide_accelerators_from_tf()
+  builder = _builder(name, data_dir)
+  _check_features(builder)  # Before any download: it would be wasted.
+  if manual_dir is not None:  # A dir the user named must be right, even if unused now.
+    _check_manual_dir(builder, manual_dir)
+  if builder.data_path.exists() and builder.is_prepared():  # exists(): spares a TFDS warning.
+    logging.info("Dataset %s: using the prepared copy in %s.", name, builder.data_dir)
+  elif manual_dir is not None:
+    logging.info("Dataset %s: preparing from manual_dir %s.", name, manual_dir)
+    _prepare_from_dir(builder, manual_dir)
+  elif system_dir := _system_copy(builder):
+    logging.info("Dataset %s: preparing from the system copy in %s.", name, system_dir)
+    _prepare_from_dir(builder, system_dir)
+  else:
+    logging.info("Dataset %s: downloading with TFDS into %s.", name, builder.data_dir_root)
+    _download_and_prepare(builder)
+  return builder
+
+
+def restore_gzip_header(src: str | os.PathLike, dst: str | os.PathLike, *,
+                        original_name: str, mtime: int) -> None:
+  """Copies gzip file `src` to `dst` with the header FNAME=`original_name`, MTIME=`mtime`.
+
+  Only the header changes: the deflate stream and the CRC32/size trailer are copied as is,
+  so the content is untouched. XFL and OS are kept from `src`; any FEXTRA, FCOMMENT or FHCRC
+  field is dropped. `dst` appears atomically (written next to it, then renamed).
+  """
+  src, dst = pathlib.Path(src), pathlib.Path(dst)
+  with open(src, "rb") as f:
+    xfl_os = _skip_gzip_header(f, src)
+    header = (b"\x1f\x8b\x08" + bytes([_FNAME]) + struct.pack("<I", mtime) + xfl_os
+              + original_name.encode("latin-1") + b"\0")  # RFC 1952: FNAME is ISO 8859-1.
+    with tempfile.NamedTemporaryFile(dir=dst.parent, prefix=f".{dst.name}.",
+                                     delete=False) as out:
+      try:
+        out.write(header)
+        shutil.copyfileobj(f, out, 1 << 20)
+      except BaseException:
+        os.unlink(out.name)
+        raise
+  os.replace(out.name, dst)
+
+
+# --------------------------------------------------------------------------- gzip header
+
+_FEXTRA, _FNAME, _FCOMMENT, _FHCRC = 0x04, 0x08, 0x10, 0x02
+
+
+def _skip_gzip_header(f, path) -> bytes:
+  """Reads past the gzip header of `f`; returns its XFL and OS bytes."""
+  fixed = f.read(10)
+  if len(fixed) < 10 or fixed[:3] != b"\x1f\x8b\x08":
+    raise ValueError(f"{path} is not a gzip file.")
+  flags = fixed[3]
+  if flags & _FEXTRA:
+    (xlen,) = struct.unpack("<H", f.read(2))
+    f.read(xlen)
+  for flag in (_FNAME, _FCOMMENT):  # Both NUL-terminated, in this order.
+    if flags & flag:
+      while f.read(1) not in (b"\0", b""):
+        pass
+  if flags & _FHCRC:
+    f.read(2)
+  return fixed[8:10]
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    # Community datasets would need the network just to list them.
+    known = tfds.list_builders(with_community_datasets=False)
+    close = difflib.get_close_matches(name.split(":")[0].split("/")[0], known, n=3)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise UserError(f"Unknown dataset {name!r}: {hint}tfds.list_builders() lists them "
+                    "all.") from e
+  except (ValueError, AssertionError) as e:  # A config or version the dataset lacks.
+    detail = str(e).split("\n")[0].split('": ', 1)[-1].split(". ")[0].rstrip(".")
+    raise UserError(f"Cannot use dataset {name!r} ({detail}): fix the config or version in "
+                    "the name.") from e
+
+
+def _check_features(builder) -> None:
+  """The training loop needs a fixed-shape `image` and a class `label`."""
+  features = builder.info.features
+  image = features["image"] if "image" in features else None
+  label = features["label"] if "label" in features else None
+  if not (isinstance(image, tfds.features.Image)
+          and isinstance(label, tfds.features.ClassLabel)):
+    raise UserError(f"Dataset {builder.name!r} has features {sorted(features)}, not an "
+                    "'image' and a class 'label': pick an image classification dataset.")
+  if None in image.shape:  # Variable-size images cannot be stacked into one array.
+    raise UserError(f"Dataset {builder.name!r} has images of varying size {image.shape}: "
+                    "pick a dataset with a fixed image shape.")
+
+
+def _expected_files(builder) -> list[str]:
+  """Names TFDS looks for in a manual_dir: the registered file names of its URLs."""
+  return sorted(info.filename for info in (builder.url_infos or {}).values() if info.filename)
+
+
+def _check_manual_dir(builder, manual_dir: str) -> None:
+  flag = f"--config.dataset.manual_dir={manual_dir}"
+  if not os.path.isdir(manual_dir) or not os.access(manual_dir, os.R_OK | os.X_OK):
+    raise UserError(f"{flag} is not a readable directory: point it at the folder holding "
+                    f"the original {builder.name} files.")
+  if missing := [f for f in _expected_files(builder)
+                 if not os.path.isfile(os.path.join(manual_dir, f))]:
+    raise UserError(f"{flag} lacks {', '.join(missing)}: put the original {builder.name} "
+                    "files there under these names.")
+
+
+def _system_copy(builder) -> str | None:
+  """The system copy of this dataset's original files, if one is installed and complete."""
+  path = SYSTEM_COPIES.get(builder.name)
+  expected = _expected_files(builder)
+  if path and expected and all(os.path.isfile(os.path.join(path, f)) for f in expected):
+    return path
+  return None
+
+
+def _prepare_from_dir(builder, source_dir: str) -> None:
+  """Prepares from the original files in `source_dir`, restoring gzip headers if known."""
+  headers = ORIGINAL_GZIP_HEADERS.get(builder.name)
+  if not headers:
+    _prepare_with_manual_dir(builder, source_dir, source_dir)
+    return
+  # Restored copies go next to TFDS's downloads (same disk; the source stays read-only).
+  downloads = builder.data_dir_root / "downloads"
+  downloads.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=downloads, prefix=f"{builder.name}-staging-") as stage:
+    for fname in _expected_files(builder):
+      src, dst = os.path.join(source_dir, fname), os.path.join(stage, fname)
+      if fname in headers:
+        _restore_or_fail(src, dst, headers[fname])
+      else:
+        os.symlink(os.path.abspath(src), dst)
+    # Extracting inside the stage too: TFDS's extracted copies are only needed until prepared.
+    _prepare_with_manual_dir(builder, stage, source_dir, extract_dir=os.path.join(stage, "x"))
+
+
+def _restore_or_fail(src: str, dst: str, header: tuple[str, int]) -> None:
+  try:
+    restore_gzip_header(src, dst, original_name=header[0], mtime=header[1])
+  except ValueError as e:
+    raise UserError(f"{src} is not a gzip file: replace it with the original "
+                    f"{os.path.basename(src)}.") from e
+
+
+def _prepare_with_manual_dir(builder, manual_dir: str, shown_dir: str,
+                             extract_dir: str | None = None) -> None:
+  config = tfds.download.DownloadConfig(manual_dir=manual_dir, extract_dir=extract_dir)
+  try:
+    builder.download_and_prepare(download_config=config)
+  except download_manager.NonMatchingChecksumError as e:
+    bad = [i.filename for url, i in builder.url_infos.items() if url in str(e)]
+    raise UserError(f"{', '.join(bad) or 'A file'} in {shown_dir} does not match TFDS's "
+                    f"registered checksum: replace it with the original download.") from e
+
+
+def _download_and_prepare(builder) -> None:
+  """TFDS's own download; fails in seconds, not minutes of retries, when clearly offline."""
+  try:
+    _fail_fast_if_offline(builder)
+    builder.download_and_prepare()
+  except _NETWORK_ERRORS as e:
+    raise UserError(_no_data_message(builder.name)) from e
+
+
+def _no_data_message(name: str) -> str:
+  package = _SYSTEM_PACKAGES.get(name)
+  apt = f", or `apt-get install {package}`" if package else ""
+  return (f"Dataset {name} is not prepared and could not be downloaded: connect to the "
+          f"internet for TFDS's download, or pass --config.dataset.manual_dir=DIR with the "
+          f"original {name} files{apt}.")
+
+
+def _fail_fast_if_offline(builder) -> None:
+  """Raises socket.gaierror when no download host resolves and nothing is cached.
+
+  Offline, TFDS retries each URL ten times with exponential backoff (over 3 minutes).
+  A proxy may resolve names for us, so with one configured TFDS is left to try.
+  """
+  urls = builder.url_infos or {}
+  if not urls or any(os.environ.get(v) for v in _PROXY_VARS) or _any_cached(builder):
+    return
+  last_error = None
+  for host in {urllib.parse.urlsplit(u).hostname for u in urls}:
+    try:
+      socket.getaddrinfo(host, 443)
+      return
+    except socket.gaierror as e:
+      last_error = e
+  raise last_error
+
+
+def _any_cached(builder) -> bool:
+  """Whether TFDS would find some download already in its cache or default manual dir."""
+  downloads = builder.data_dir_root / "downloads"
+  for url, info in builder.url_infos.items():
+    fname = resource.get_dl_fname(url, info.checksum)
+    paths = [downloads / builder.name / fname, downloads / fname]  # Current and legacy layout.
+    if info.filename:
+      paths.append(downloads / "manual" / info.filename)
+    if any(p.exists() for p in paths):
+      return True
+  return False
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def check_split(builder, split: str) -> None:
+  splits = builder.info.splits
+  if not splits:  # Unknown until prepared (e.g. under tfds.testing.mock_data): TFDS decides.
+    return
+  try:
+    num_examples = splits[split].num_examples  # Parses slices too, e.g. 'train[:90%]'.
+  except (KeyError, ValueError) as e:
+    raise UserError(f"Dataset {builder.name} has no split {split!r}: use one of "
+                    f"{', '.join(sorted(splits))} (slices like 'train[:90%]' work too).") from e
+  if not num_examples:
+    raise UserError(f"Split {split!r} of dataset {builder.name} is empty: pick a larger one.")
+
+
+@functools.cache
+def _hide_accelerators_from_tf() -> None:
+  """TF only reads data here; left alone it would reserve GPU memory that JAX needs."""
+  import tensorflow as tf  # Imported late: TFDS imports it lazily too.
+
+  for kind in ("GPU", "TPU"):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except (RuntimeError, ValueError) as e:  # Devices already initialized, or no such kind.
+      logging.warning("Could not hide %s devices from TensorFlow: %s", kind, e)
