@@ -1,5 +1,15 @@
-"""`python -m flaxtrain.datasets NAME [DATA_DIR]`: prepare a dataset ahead of training."""
+"""`python -m flaxtrain.datasets NAME [DATA_DIR] [--manual_dir=DIR] [--format=FORMAT]`: prepare a
+dataset ahead of training.
 
+--format=auto (the default): ArrayRecord only for datasets whose images vary in size (they
+can only be streamed: ImageNet, Imagenette), both formats otherwise. --format=both leaves
+TFRecord files, which the in-memory source reads, and ArrayRecord files, which streaming
+reads, converted in place from the TFRecord ones. --format=array_record or tfrecord makes
+only what one source needs; a dataset already prepared in the other format is converted in
+place, and keeps both.
+"""
+
+import argparse
 import sys
 
 from absl import logging
@@ -7,17 +17,42 @@ from absl import logging
 from flaxtrain.data import prepare
 from flaxtrain.errors import UserError
 
+USAGE = ("python -m flaxtrain.datasets NAME [DATA_DIR] [--manual_dir=DIR] "
+         "[--format=auto|both|array_record|tfrecord]")
+FORMATS = ("auto", "both", "array_record", "tfrecord")
+
 
 def main(argv) -> int:
-  if len(argv) < 2:
-    print("usage: python -m flaxtrain.datasets NAME [DATA_DIR]", file=sys.stderr)
-    return 2
+  parser = argparse.ArgumentParser(prog="python -m flaxtrain.datasets", usage=USAGE,
+                                   description=__doc__.split("\n\n", 1)[1])
+  parser.add_argument("name", metavar="NAME", help="a TFDS name, e.g. fashion_mnist")
+  parser.add_argument("data_dir", metavar="DATA_DIR", nargs="?",
+                      help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+  parser.add_argument("--manual_dir", metavar="DIR",
+                      help="dir holding the original files, e.g. ImageNet's tars")
+  parser.add_argument("--format", choices=FORMATS, default="auto",
+                      help="file formats to leave (default: auto)")
   try:
-    builder = prepare.prepare(argv[1], data_dir=argv[2] if len(argv) > 2 else None)
+    args = parser.parse_args(argv[1:])
+  except SystemExit as e:  # Bad usage (argparse printed why) or --help.
+    return e.code
+  try:
+    if args.format == "auto":
+      shape = prepare.describe(args.name, data_dir=args.data_dir).info.features["image"].shape
+      args.format = "array_record" if None in shape[:2] else "both"
+    builder = prepare.prepare(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir,
+                              random_access=args.format == "array_record")
+    if args.format in ("both", "tfrecord"):
+      builder = prepare.add_format(builder, "tfrecord")  # Only if prepared for streaming.
+    if args.format == "both":
+      builder = prepare.add_format(builder, "array_record")
   except UserError as e:
-    print(f"flaxtrain: error: {e}", file=sys.stderr)
+    # The messages name train's flag; here the same setting is --manual_dir.
+    message = str(e).replace("--config.dataset.manual_dir=", "--manual_dir=")
+    print(f"flaxtrain: error: {message}", file=sys.stderr)
     return 1
-  print(f"{builder.name} is ready in {builder.data_dir}")
+  formats = [f for f in ("tfrecord", "array_record") if prepare.has_format(builder, f)]
+  print(f"{builder.name} is ready in {builder.data_dir} ({' and '.join(formats)})")
   return 0
 
 

@@ -1,4 +1,5 @@
-"""Tests for flaxtrain.data.prepare and memory.load: gzip header restoration, preparation paths, user errors."""
+"""Tests for flaxtrain.data.prepare, memory.load and the flaxtrain.datasets CLI: gzip header
+restoration, preparation paths, file formats (TFRecord, ArrayRecord), user errors."""
 
 import gzip
 import hashlib
@@ -11,6 +12,7 @@ import pytest
 import requests
 import tensorflow_datasets as tfds
 
+from flaxtrain import datasets
 from flaxtrain.data import memory, prepare
 from flaxtrain.errors import UserError
 
@@ -38,6 +40,22 @@ class FlaxtrainTinyImages(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, n):
     for i in range(n):
       yield i, {"image": np.full((4, 5, 3), i, np.uint8), "label": i % 2}
+
+
+class FlaxtrainTinyManual(FlaxtrainTinyImages):
+  """Like FlaxtrainTinyImages, but its files must be downloaded by hand."""
+
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+  Put tiny.zip from example.org in manual_dir.
+  Then run again.
+  """
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, homepage="https://example.org/tiny",
+                                 features=super()._info().features)
+
+
+TINY = "flaxtrain_tiny_images"
 
 
 def sha256(path) -> str:
@@ -197,10 +215,13 @@ def test_dataset_without_image_and_label():
   assert_one_sentence(err, "imdb_reviews", "'image'", "image classification")
 
 
-def test_dataset_with_varying_image_size():
-  with pytest.raises(UserError) as err:
-    prepare.prepare("cats_vs_dogs")
-  assert_one_sentence(err, "varying size", "fixed image shape")
+def test_dataset_with_varying_image_size_is_not_refused(tmp_path, offline):
+  builder = tfds.builder("cats_vs_dogs", data_dir=str(tmp_path))
+  assert None in builder.info.features["image"].shape
+  prepare._check_features(builder)  # Does not raise: the caller decides.
+  with pytest.raises(UserError) as err:  # Refused later only for want of the network.
+    prepare.prepare("cats_vs_dogs", data_dir=str(tmp_path))
+  assert_one_sentence(err, "could not be downloaded")
 
 
 @pytest.mark.parametrize("name", ["mnist/nope", "mnist:9.9.9"])
@@ -294,3 +315,228 @@ def test_offline_check_defers_to_tfds_cache(tmp_path, monkeypatch, offline):
   shutil.copy(__file__, manual / "train-labels-idx1-ubyte.gz")
   builder = tfds.builder("mnist", data_dir=str(tmp_path))
   prepare._fail_fast_if_offline(builder)  # Does not raise.
+
+
+def test_manual_dataset_fails_fast_naming_its_files(tmp_path, monkeypatch, offline):
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
+                      lambda *a, **k: pytest.fail("started preparing"))
+  with pytest.raises(UserError) as err:
+    prepare.prepare("imagenet2012", data_dir=str(tmp_path))
+  assert_one_sentence(err, "by hand", "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar",
+                      "image-net.org", str(tmp_path / "downloads" / "manual"),
+                      "--config.dataset.manual_dir=DIR")
+  assert not (tmp_path / "imagenet2012").exists()
+
+
+def test_manual_dataset_names_only_missing_files(tmp_path, offline):
+  manual = tmp_path / "downloads" / "manual"
+  manual.mkdir(parents=True)
+  (manual / "ILSVRC2012_img_val.tar").write_bytes(b"")
+  with pytest.raises(UserError) as err:
+    prepare.prepare("imagenet2012", data_dir=str(tmp_path), random_access=True)
+  msg = assert_one_sentence(err, "ILSVRC2012_img_train.tar")
+  assert "img_val" not in msg
+
+
+def test_manual_dataset_with_manual_dir_lacking_files(tmp_path):
+  with pytest.raises(UserError) as err:
+    prepare.prepare("imagenet2012", data_dir=str(tmp_path / "data"), manual_dir=str(tmp_path))
+  assert_one_sentence(err, f"--config.dataset.manual_dir={tmp_path} lacks",
+                      "ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar")
+
+
+def test_manual_dataset_of_unknown_files_quotes_tfds(tmp_path, offline):
+  with pytest.raises(UserError) as err:
+    prepare.prepare("flaxtrain_tiny_manual", data_dir=str(tmp_path))
+  assert_one_sentence(err, "by hand", "https://example.org/tiny",
+                      "'Put tiny.zip from example.org in manual_dir'",
+                      str(tmp_path / "downloads" / "manual"))
+
+
+def test_manual_dataset_prepares_from_default_manual_dir(tmp_path, offline):
+  manual = tmp_path / "downloads" / "manual"
+  manual.mkdir(parents=True)
+  (manual / "tiny.zip").write_bytes(b"")  # This builder reads nothing: any file will do.
+  builder = prepare.prepare("flaxtrain_tiny_manual", data_dir=str(tmp_path))
+  assert prepare.has_format(builder, "tfrecord")
+
+
+# ----------------------------------------------------------------------- file formats
+
+
+def read_both_ways(data_dir) -> tuple[list[int], list[int]]:
+  """The train split's pixel values through as_dataset (TFRecord) and tfds.data_source."""
+  builder = tfds.builder(TINY, data_dir=data_dir)
+  via_tf = [int(x["image"][0, 0, 0]) for x in tfds.as_numpy(builder.as_dataset(split="train"))]
+  source = tfds.data_source(TINY, split="train", data_dir=data_dir, download=False,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+  via_source = [int(decode_png(source[i]["image"])[0, 0, 0]) for i in range(len(source))]
+  return via_tf, via_source
+
+
+def decode_png(png: bytes) -> np.ndarray:
+  return tfds.features.Image(shape=(4, 5, 3)).decode_example_np(png)
+
+
+def tiny_files(builder) -> list[str]:
+  return sorted(p.name for p in builder.data_path.iterdir())
+
+
+def test_tfrecord_dataset_is_converted_in_place(tmp_path):
+  data_dir = str(tmp_path)
+  builder = prepare.prepare(TINY, data_dir=data_dir)
+  assert prepare.has_format(builder, "tfrecord")
+  assert not prepare.has_format(builder, "array_record")
+  builder = prepare.prepare(TINY, data_dir=data_dir, random_access=True)
+  assert prepare.has_format(builder, "tfrecord") and prepare.has_format(builder, "array_record")
+  assert [f for f in tiny_files(builder) if "-train." in f] == [
+    f"{TINY}-train.array_record-00000-of-00001", f"{TINY}-train.tfrecord-00000-of-00001"]
+  via_tf, via_source = read_both_ways(data_dir)
+  assert sorted(via_tf) == list(range(6)) and via_source == via_tf  # Same records, same order.
+  # Both readers also through the builders TFDS makes anew, as the training code does.
+  assert len(list(tfds.builder(TINY, data_dir=data_dir).as_dataset(split="test"))) == 4
+
+
+def test_converting_twice_is_a_no_op(tmp_path, monkeypatch):
+  prepare.prepare(TINY, data_dir=str(tmp_path), random_access=True)
+  builder = prepare.prepare(TINY, data_dir=str(tmp_path))
+  builder = prepare.add_format(builder, "tfrecord")  # Prepared as ArrayRecord: converted.
+  before = {p.name: os.stat(p).st_mtime_ns for p in builder.data_path.iterdir()}
+  monkeypatch.setattr(prepare, "_convert_split", lambda *a: pytest.fail("converted again"))
+  again = prepare.prepare(TINY, data_dir=str(tmp_path), random_access=True)
+  assert prepare.add_format(again, "tfrecord") is again
+  assert {p.name: os.stat(p).st_mtime_ns for p in again.data_path.iterdir()} == before
+
+
+def test_new_dataset_for_random_access_is_array_record_only(tmp_path):
+  builder = prepare.prepare(TINY, data_dir=str(tmp_path), random_access=True)
+  assert prepare.has_format(builder, "array_record")
+  assert not prepare.has_format(builder, "tfrecord")
+  assert not any("tfrecord" in f for f in tiny_files(builder))
+  # A caller without random access gets the same data, and has_format says how to read it.
+  builder = prepare.prepare(TINY, data_dir=str(tmp_path))
+  assert not prepare.has_format(builder, "tfrecord")
+  assert len(tfds.data_source(TINY, split="test", data_dir=str(tmp_path), download=False)) == 4
+
+
+def test_array_record_dataset_converted_back_serves_both_readers(tmp_path):
+  prepare.prepare(TINY, data_dir=str(tmp_path), random_access=True)
+  builder = prepare.add_format(prepare.prepare(TINY, data_dir=str(tmp_path)), "tfrecord")
+  assert builder.info.file_format == tfds.core.FileFormat.TFRECORD  # What as_dataset reads.
+  via_tf, via_source = read_both_ways(str(tmp_path))
+  assert sorted(via_tf) == list(range(6)) and via_source == via_tf
+
+
+def test_failed_conversion_leaves_no_partial_data(tmp_path, monkeypatch):
+  builder = prepare.prepare(TINY, data_dir=str(tmp_path))
+  before = tiny_files(builder)
+  info_before = (builder.data_path / "dataset_info.json").read_bytes()
+  real_read = prepare._read_records
+
+  def read_then_fail(path, file_format):
+    if "-test." in path.name:  # The second split: the first one is converted by then.
+      yield from list(real_read(path, file_format))[:2]
+      raise OSError("disk full")
+    yield from real_read(path, file_format)
+
+  monkeypatch.setattr(prepare, "_read_records", read_then_fail)
+  with pytest.raises(OSError, match="disk full"):
+    prepare.prepare(TINY, data_dir=str(tmp_path), random_access=True)
+  after = tiny_files(builder)
+  assert not any("incomplete" in f or "-test.array_record" in f for f in after), after
+  assert (builder.data_path / "dataset_info.json").read_bytes() == info_before
+  assert not prepare.has_format(prepare.prepare(TINY, data_dir=str(tmp_path)), "array_record")
+  # The next run converts what is missing, keeping the whole shard written before.
+  monkeypatch.setattr(prepare, "_read_records", real_read)
+  converted = set(after) - set(before)
+  assert converted == {f"{TINY}-train.array_record-00000-of-00001"}
+  builder = prepare.prepare(TINY, data_dir=str(tmp_path), random_access=True)
+  assert prepare.has_format(builder, "array_record")
+  via_tf, via_source = read_both_ways(str(tmp_path))
+  assert via_source == via_tf
+
+
+def test_conversion_checks_record_counts(tmp_path, monkeypatch):
+  builder = prepare.prepare(TINY, data_dir=str(tmp_path))
+  real_read = prepare._read_records
+  monkeypatch.setattr(prepare, "_read_records",
+                      lambda path, fmt: list(real_read(path, fmt))[:-1])  # A record lost.
+  with pytest.raises(UserError) as err:
+    prepare.add_format(builder, "array_record")
+  assert_one_sentence(err, "records, not the", "prepare flaxtrain_tiny_images again")
+  assert not any("array_record" in f or "incomplete" in f for f in tiny_files(builder))
+
+
+def test_has_format_before_preparation(tmp_path):
+  builder = tfds.builder(TINY, data_dir=str(tmp_path))
+  assert not prepare.has_format(builder, "tfrecord")
+  with pytest.raises(ValueError):
+    prepare.has_format(builder, "csv")
+
+
+# ----------------------------------------------------------------------- CLI
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+  code = datasets.main(["flaxtrain.datasets", *args])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+class FlaxtrainTinyVaryingImages(tfds.core.GeneratorBasedBuilder):
+  """Images of varying size: they can only be streamed."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+      "image": tfds.features.Image(shape=(None, None, 3)),
+      "label": tfds.features.ClassLabel(names=["cat", "dog"]),
+    }))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(6), "test": self._generate_examples(4)}
+
+  def _generate_examples(self, n):
+    for i in range(n):
+      yield i, {"image": np.full((4 + i, 5, 3), i, np.uint8), "label": i % 2}
+
+
+def test_cli_default_prepares_varying_size_images_for_streaming_only(tmp_path, capsys):
+  name = "flaxtrain_tiny_varying_images"
+  code, out, _ = run_cli(capsys, name, str(tmp_path))
+  assert code == 0 and out.endswith("(array_record)\n"), out
+
+
+def test_cli_default_leaves_both_formats_for_fixed_size_images(tmp_path, capsys):
+  code, out, _ = run_cli(capsys, TINY, str(tmp_path))
+  assert code == 0  # After TFDS's own lines:
+  assert out.splitlines()[-1] == (f"{TINY} is ready in {tmp_path / TINY / '1.0.0'} "
+                                  "(tfrecord and array_record)")
+  via_tf, via_source = read_both_ways(str(tmp_path))
+  assert via_source == via_tf
+  assert run_cli(capsys, TINY, str(tmp_path))[0] == 0  # Again: nothing to do.
+
+
+@pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
+def test_cli_one_format(tmp_path, capsys, file_format):
+  code, out, _ = run_cli(capsys, TINY, str(tmp_path), f"--format={file_format}")
+  assert code == 0 and out.endswith(f"({file_format})\n"), out
+  # Asking for the other format then converts in place.
+  other = {"array_record": "tfrecord", "tfrecord": "array_record"}[file_format]
+  code, out, _ = run_cli(capsys, TINY, str(tmp_path), f"--format={other}")
+  assert code == 0 and out.endswith("(tfrecord and array_record)\n"), out
+
+
+def test_cli_manual_dataset_error(tmp_path, capsys, offline):
+  code, out, err = run_cli(capsys, "imagenet2012", str(tmp_path))
+  assert code == 1 and out == ""
+  assert err.startswith("flaxtrain: error: Dataset imagenet2012 must be downloaded by hand")
+  assert "--manual_dir=DIR" in err and "--config.dataset" not in err
+  assert err.count("\n") == 1 and err.endswith(".\n")
+
+
+@pytest.mark.parametrize("args", [[], ["--format=parquet", TINY], [TINY, "a", "b"]])
+def test_cli_bad_usage(tmp_path, capsys, args):
+  code, _, err = run_cli(capsys, *args)
+  assert code == 2 and "usage: python -m flaxtrain.datasets NAME [DATA_DIR]" in err
