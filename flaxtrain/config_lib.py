@@ -7,6 +7,10 @@ CLI locks the result, so a typo'd override fails instead of adding a key.
 import ml_collections
 from ml_collections import config_dict
 
+# ImageNet's per-channel statistics in pixel units (torchvision, the Flax example).
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
 
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -47,8 +51,27 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.dataset.manual_dir = config_dict.placeholder(str)  # Local copies of the original files.
   c.dataset.train_split = "train"
   c.dataset.eval_split = "test"
-  # Keep the decoded dataset on every device and gather batches there ('auto': when it
-  # is small enough); otherwise batches are gathered on the host and transferred.
+  # 'memory': decode both splits into host memory (fixed-size images only); 'stream':
+  # read records by random access from TFDS's ArrayRecord files and decode them in Grain
+  # worker processes; 'auto': stream when the images vary in size, need resizing or
+  # random-resized crops, or would take over a quarter of host memory decoded.
+  c.dataset.source = "auto"
+  # Side of the (square) images the model gets. Default: the dataset's own size when it
+  # is fixed, 224 when it varies. Resizing happens on the host (streamed data).
+  c.dataset.image_size = config_dict.placeholder(int)
+  # Eval of resized data: resize the shorter side to image_size / this, then centre-crop.
+  c.dataset.eval_crop_fraction = 0.875
+  # Per-channel normalisation on the device, in pixel units (0-255), e.g. ImageNet's
+  # mean (123.675, 116.28, 103.53) and std (58.395, 57.12, 57.375). None: x / 255.
+  c.dataset.mean = config_dict.placeholder(tuple)
+  c.dataset.std = config_dict.placeholder(tuple)
+  # Streaming: Grain worker processes per process (-1: one per core, 0: none, decode in
+  # threads of the training process), threads per worker, batches prefetched per worker.
+  c.dataset.workers = -1
+  c.dataset.threads = 2
+  c.dataset.prefetch = 2
+  # In-memory data: keep the decoded dataset on every device and gather batches there
+  # ('auto': when it is small enough); otherwise gather on the host and transfer.
   c.dataset.on_device = "auto"
 
   # Train-time augmentation, per example on the device (see flaxtrain/data/augment.py).
@@ -56,6 +79,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.augment.crop_padding = 0  # Pixels of zero padding for a random crop (0: off).
   c.augment.flip = False  # Random left-right mirror.
   c.augment.erase_prob = 0.0  # Probability of random erasing.
+  # On the host, streamed data only: Inception-style random-resized crop to image_size
+  # (area fraction and aspect-ratio ranges; a centre crop when 10 tries fail).
+  c.augment.random_resized_crop = False
+  c.augment.crop_area_range = (0.08, 1.0)
+  c.augment.crop_aspect_range = (3 / 4, 4 / 3)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "cnn"

@@ -73,7 +73,8 @@ def parameter_table(variables: dict) -> str:
 def forward_flops(exp, variables) -> float | None:
   """FLOPs of the model on one eval example, from XLA's cost analysis."""
   x = jnp.zeros((1, *exp.spec.image_shape), jnp.uint8)
-  fn = jax.jit(lambda v, x: exp.model.apply(v, train.preprocess(x, exp.dtype), train=False))
+  fn = jax.jit(lambda v, x: exp.model.apply(v, train.preprocess(x, exp.dtype, exp.norm),
+                                            train=False))
   return _flops(fn.lower(variables, x).compile().cost_analysis())
 
 

@@ -27,7 +27,7 @@ PLATFORMS = ("cpu", "cuda", "tpu")
 
 def _outputs(exp, variables, images):
   """uint8 images -> the task's predictions: class probabilities, or images in [0, 1]."""
-  x = train.preprocess(images, exp.dtype)
+  x = train.preprocess(images, exp.dtype, exp.norm)
   return exp.task.predict(exp.model.apply(variables, x, train=False))
 
 

@@ -30,7 +30,8 @@ from flaxtrain import (
   workdirs,
 )
 from flaxtrain import metrics as metrics_lib
-from flaxtrain.data import augment, plan as plan_lib, prepare, sources
+from flaxtrain.data import augment, sources
+from flaxtrain.data import plan as plan_lib
 from flaxtrain.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -122,6 +123,7 @@ def validate(config: ml_collections.ConfigDict, par: parallel.DataParallel):
   if config.compute_dtype not in DTYPES:
     raise UserError(f"compute_dtype must be one of {', '.join(DTYPES)}, got "
                     f"{config.compute_dtype!r}.")
+  sources.validate(config)
   models.get(config.model, num_classes=2)  # Unknown names fail here, before any data.
   tasks.get(config.task, num_classes=2)
   optimizers.validate(config.optimizer, config.schedule)
@@ -149,9 +151,18 @@ def make_plan(config, steps_per_epoch: int, platform: str = "cpu") -> Plan:
 # ------------------------------------------------------------- per-device code
 
 
-def preprocess(images, dtype=jnp.float32):
-  """uint8 images -> floats in [0, 1] of `dtype`."""
-  return images.astype(jnp.float32).astype(dtype) / 255.0
+def preprocess(images, dtype=jnp.float32, norm=None):
+  """uint8 images -> floats of `dtype`: in [0, 1], or (x - mean) / std with norm=(mean, std)."""
+  if norm is None:
+    return images.astype(jnp.float32).astype(dtype) / 255.0
+  mean, std = (jnp.asarray(v, jnp.float32) for v in norm)
+  return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
+
+
+def normalization(config):
+  """(mean, std) in pixel units from config.dataset, or None for x / 255."""
+  ds = config.dataset
+  return None if ds.mean is None else (tuple(ds.mean), tuple(ds.std))
 
 
 def _sum_losses(collection) -> jax.Array:
@@ -182,6 +193,7 @@ def make_train_chunk(model, tx, schedule, task, config, dtype, max_steps: int,
   accum = config.grad_accum_steps
   aug_cfg = config.augment
   ema_decay = config.ema_decay
+  norm = normalization(config)
 
   def micro_loss(params, model_state, x, batch, rng):
     variables = {"params": params, **model_state}
@@ -260,7 +272,7 @@ def make_train_chunk(model, tx, schedule, task, config, dtype, max_steps: int,
     step_key = jax.random.fold_in(base_key, state.step)
     device = parallel.device_index()
     local_batch = batch["label"].shape[0]
-    x = preprocess(batch["image"], jnp.float32)
+    x = preprocess(batch["image"], jnp.float32, norm)
     x = augment.apply(x, jax.random.fold_in(step_key, 1), device * local_batch, aug_cfg)
     x = x.astype(dtype)
     dropout_key = jax.random.fold_in(step_key, 2)
@@ -342,7 +354,7 @@ def eval_params(state: TrainState):
   return state.ema_params if jax.tree.leaves(state.ema_params) else state.params
 
 
-def make_eval(model, task, dtype, num_steps: int, metrics_cls):
+def make_eval(model, task, dtype, num_steps: int, metrics_cls, norm=None):
   """Per-device: evaluates all `num_steps` padded eval batches (masked rows ignored)."""
 
   def evaluate(state, inputs):
@@ -350,7 +362,7 @@ def make_eval(model, task, dtype, num_steps: int, metrics_cls):
 
     def body(i, metrics):
       batch = plan_lib.take(inputs, i)
-      x = preprocess(batch["image"], dtype)
+      x = preprocess(batch["image"], dtype, norm)
       per_example, task_metrics = task.loss(model.apply(variables, x, train=False), batch, x)
       return metrics.merge(metrics_cls.single_from_model_output(
           loss=per_example, mask=batch["mask"], **task_metrics))
@@ -361,7 +373,7 @@ def make_eval(model, task, dtype, num_steps: int, metrics_cls):
   return evaluate
 
 
-def make_predict(model, task, dtype, num_steps: int):
+def make_predict(model, task, dtype, num_steps: int, norm=None):
   """Per-device: the task's predictions for every eval batch, [steps, local batch, ...]."""
 
   def predict(state, inputs):
@@ -369,7 +381,7 @@ def make_predict(model, task, dtype, num_steps: int):
 
     def one(i):
       batch = plan_lib.take(inputs, i)
-      x = preprocess(batch["image"], dtype)
+      x = preprocess(batch["image"], dtype, norm)
       return task.predict(model.apply(variables, x, train=False))
 
     return jax.lax.map(one, jnp.arange(num_steps))
@@ -431,6 +443,7 @@ class Experiment:
     self.spec, self.data = sources.make(config, par)
     self.plan = make_plan(config, self.data.plan.steps_per_epoch, par.devices[0].platform)
     self.dtype = DTYPES[config.compute_dtype]
+    self.norm = normalization(config)
     model_cfg = config.model
     if config.topology_invariant_shards and model_cfg.get("conv") == "auto":
       # 'auto' picks the CNN's convolution by the process's device count: pinned here, so
@@ -487,7 +500,7 @@ class Experiment:
       steps = batches.inputs["mask"].shape[0]
       if steps not in self._evaluate:
         self._evaluate[steps] = self.par.compile(
-            make_eval(self.model, self.task, self.dtype, steps, self.eval_metrics),
+            make_eval(self.model, self.task, self.dtype, steps, self.eval_metrics, self.norm),
             in_specs=(parallel.REPLICATED, batches.specs), out_specs=parallel.REPLICATED)
       chunk = self.par.to_host(self._evaluate[steps](state, batches.inputs))
       total = chunk if total is None else total.merge(chunk)
@@ -504,7 +517,7 @@ class Experiment:
       steps = batches.inputs["mask"].shape[0]
       if steps not in self._predict:
         self._predict[steps] = self.par.compile(
-            make_predict(self.model, self.task, self.dtype, steps),
+            make_predict(self.model, self.task, self.dtype, steps, self.norm),
             in_specs=(parallel.REPLICATED, batches.specs), out_specs=parallel.STEPS_BATCH)
       out = self._predict[steps](state, batches.inputs)
       if self.par.num_processes > 1:
@@ -625,6 +638,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           timing["first_step_s"] = time.time() - start_time
           timing["compile_s"] = time.time() - t
           timing["steady_start"] = time.time()
+          timing["input_wait_start"] = getattr(exp.data, "input_wait_s", 0.0)
         else:
           timing["steady_steps"] += n
         for s in range(step + 1, step + n + 1):  # ReportProgress wants every step.
@@ -689,16 +703,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       steady_s = timing["train_end"] - timing["steady_start"] - timing["paused_s"]
       steady = timing["steady_steps"] * config.batch_size / steady_s \
           if timing["steady_steps"] else None
+      # Share of the steady train time the loop spent blocked waiting for input batches.
+      waited = getattr(exp.data, "input_wait_s", 0.0) - timing["input_wait_start"]
+      wait_share = waited / steady_s if timing["steady_steps"] and steady_s > 0 else None
       summary = {
           "step": step, **eval_result, "train_examples_per_sec": steady,
           "wall_s": time.time() - start_time, "time_to_first_step_s": timing["first_step_s"],
           "first_dispatch_s": timing["compile_s"], "devices": par.num_devices,
           "processes": par.num_processes, "batch_size": config.batch_size,
+          "input_wait_share": wait_share, "data_source": exp.data.description,
       }
       workdirs.write_summary(workdir, summary, par)
       return summary
   except asynclib.AsyncError as e:  # TensorBoard writes failed (e.g. a full disk).
     _fail_writing_metrics(e, ckpt, workdir)
+  finally:
+    exp.data.close()  # Stops the input workers of a streamed source.
 
 
 def _prepare_data_once(config, par):
@@ -710,8 +730,7 @@ def _prepare_data_once(config, par):
   error = None
   if par.process_index == 0:
     try:
-      prepare.prepare(config.dataset.name, data_dir=config.dataset.data_dir,
-                       manual_dir=config.dataset.manual_dir)
+      sources.prepare_data(config)
     except UserError as e:
       error = e
   # Agreed by all, so that no process waits forever for one that failed.

@@ -39,7 +39,7 @@ def synthetic_data(monkeypatch):
 
 
 def patch_synthetic(monkeypatch):
-  from flaxtrain.data import memory, prepare
+  from flaxtrain.data import memory, prepare, sources
 
   def load(name, **_):
     spec = prepare.DatasetSpec(name=name, image_shape=(28, 28, 1), num_classes=10,
@@ -49,6 +49,7 @@ def patch_synthetic(monkeypatch):
     return spec, synthetic_split(2048, 0), synthetic_split(500, 1)
 
   monkeypatch.setattr(memory, "load", load)
+  monkeypatch.setattr(sources, "inspect", lambda config: sources.Facts((28, 28, 1), 2548))
   return load
 
 
@@ -84,3 +85,37 @@ def real_data_dir(tmp_path_factory):
 
 TINY_FLAGS = ["--config.model.features=(8, 16)", "--config.model.dense=(32,)",
               "--config.log_every_steps=10"]
+
+
+def make_image_dataset(data_dir, name: str, num_train: int, num_eval: int, *,
+                       sizes=(24, 72), shape=None, encoding="jpeg", corrupt=(),
+                       file_format="array_record", channels: int = 3):
+  """Writes a learnable image dataset as a prepared TFDS dataset under `data_dir`.
+
+  Images are `synthetic_split` patterns scaled to random sizes in `sizes` (or to the fixed
+  `shape`), encoded as JPEG or PNG; train record ids in `corrupt` hold undecodable bytes.
+  """
+  import io
+
+  import cv2
+  import tensorflow_datasets as tfds
+
+  def examples(n, seed, bad=()):
+    rng = np.random.default_rng(seed + 100)
+    split = synthetic_split(n, seed, shape=(16, 16, channels))
+    for i in range(n):
+      h, w = shape[:2] if shape else rng.integers(sizes[0], sizes[1], 2)
+      image = cv2.resize(split["image"][i], (int(w), int(h)), interpolation=cv2.INTER_NEAREST)
+      image = image.reshape(int(h), int(w), channels)
+      if i in bad:
+        image = io.BytesIO(b"\xff\xd8\xff\xe0 not a JPEG")
+      yield i, {"image": image, "label": int(split["label"][i])}
+
+  features = tfds.features.FeaturesDict({
+      "image": tfds.features.Image(shape=(*(shape[:2] if shape else (None, None)), channels),
+                                   encoding_format=encoding),
+      "label": tfds.features.ClassLabel(num_classes=10)})
+  return tfds.dataset_builders.store_as_tfds_dataset(
+      name=name, version="1.0.0", features=features, data_dir=str(data_dir),
+      split_datasets={"train": list(examples(num_train, 0, set(corrupt))),
+                      "test": list(examples(num_eval, 1))}, file_format=file_format)

@@ -313,7 +313,7 @@ def test_recipe_configs_take_steps(monkeypatch, name, shape):
   """The recipes as written (model, augmentation, dtype, optimizer), on stand-in data."""
   from conftest import synthetic_split
 
-  from flaxtrain.data import memory, prepare
+  from flaxtrain.data import memory, prepare, sources
 
   def load(dataset, **_):
     spec = prepare.DatasetSpec(name=dataset, image_shape=shape, num_classes=10,
@@ -323,6 +323,7 @@ def test_recipe_configs_take_steps(monkeypatch, name, shape):
     return spec, synthetic_split(64, 0, shape), synthetic_split(16, 1, shape)
 
   monkeypatch.setattr(memory, "load", load)
+  monkeypatch.setattr(sources, "inspect", lambda config: sources.Facts(shape, 80))
   c = load_config(name)
   c.batch_size, c.eval_batch_size = 16, 16
   exp = train.Experiment(c)

@@ -27,7 +27,14 @@ def load(name: str, *, data_dir: str | None = None, manual_dir: str | None = Non
   builder = prepare.prepare(name, data_dir=data_dir, manual_dir=manual_dir)
   for split in (train_split, eval_split):  # Both checked before decoding either.
     prepare.check_split(builder, split)
-  train, eval_ = _read_split(builder, train_split), _read_split(builder, eval_split)
+  shape = tuple(builder.info.features["image"].shape)
+  if None in shape[:2]:
+    raise UserError(f"Dataset {name!r} has images of varying size {shape}, which cannot be "
+                    "held as one array in memory: set --config.dataset.source=stream (or auto).")
+  # Prepared for streaming only (ArrayRecord): read the records one by one instead.
+  read = (_read_split if prepare.has_format(builder, "tfrecord") or not builder.info.splits
+          else _read_records)
+  train, eval_ = read(builder, train_split), read(builder, eval_split)
   label = builder.info.features["label"]
   spec = prepare.DatasetSpec(
     name=name, image_shape=tuple(builder.info.features["image"].shape),
@@ -47,6 +54,19 @@ def _read_split(builder, split: str) -> dict[str, np.ndarray]:
   # TFDS images always carry a channel axis, (H, W, 1) for grayscale; labels come as int64.
   return {"image": np.concatenate([c["image"] for c in chunks]).astype(np.uint8, copy=False),
           "label": np.concatenate([c["label"] for c in chunks]).astype(np.int32)}
+
+
+def _read_records(builder, split: str) -> dict[str, np.ndarray]:
+  """Like `_read_split`, from ArrayRecord files through `tfds.data_source` (numpy decode)."""
+  source = builder.as_data_source(split=split)
+  n = len(source)
+  first = source[0]
+  images = np.empty((n, *np.shape(first["image"])), np.uint8)
+  labels = np.empty((n,), np.int32)
+  for i in range(n):
+    record = source[i]
+    images[i], labels[i] = record["image"], record["label"]
+  return {"image": images, "label": labels}
 
 
 class MemorySource:

@@ -2,15 +2,121 @@
 
 A source has `plan` (the index plan), `description`, `train_batches(start, n, chunk)`,
 `eval_batches()` (chunks of masked eval batches), `eval_examples(n)` and `close()`.
+
+`dataset.source`: 'memory' decodes both splits into host memory (fixed-size images);
+'stream' reads records by random access and decodes them in Grain workers; 'auto'
+streams when the images vary in size, when they must be resized or randomly cropped on
+the host, or when the decoded splits would take more than a quarter of this machine's
+memory.
 """
 
+import dataclasses
+import os
+
 import ml_collections
+from absl import logging
 
 from flaxtrain import parallel
-from flaxtrain.data import augment, memory
+from flaxtrain.data import augment, memory, prepare, preprocess
+from flaxtrain.errors import UserError
+
+SOURCES = ("auto", "memory", "stream")
+DEFAULT_VARYING_SIZE = 224  # Output side for datasets whose images vary in size.
+MEMORY_FRACTION = 0.25  # 'auto' streams when decoded splits exceed this share of RAM.
+
+
+@dataclasses.dataclass(frozen=True)
+class Facts:
+  """What the choice of source needs to know about a dataset, from its TFDS info."""
+
+  image_shape: tuple  # (H, W, C); H and W are None where the images vary in size.
+  num_examples: int  # Train plus eval examples; 0 where unknown (e.g. mocked data).
+
+  @property
+  def varies(self) -> bool:
+    return None in self.image_shape[:2]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the data fields that can be checked before any data is touched."""
+  ds, aug = config.dataset, config.augment
+  if ds.source not in SOURCES:
+    raise UserError(f"dataset.source must be one of {', '.join(SOURCES)}, got {ds.source!r}.")
+  preprocess.check_sizes(ds.image_size, aug.crop_area_range, aug.crop_aspect_range,
+                         ds.eval_crop_fraction)
+  from flaxtrain.data import stream  # Grain is imported only where it is used.
+
+  stream.check_workers(ds.workers, ds.threads, ds.prefetch)
+  for key in ("mean", "std"):
+    value = ds[key]
+    if value is not None and (len(value) not in (1, 3) or
+                              (key == "std" and min(value) <= 0)):
+      raise UserError(f"dataset.{key} must be None or 1 or 3 numbers in pixel units (0-255)"
+                      f"{', all positive' if key == 'std' else ''}, got {value!r}.")
+  if (ds.mean is None) != (ds.std is None):
+    raise UserError("dataset.mean and dataset.std go together: set both, or neither for "
+                    "pixels scaled to [0, 1].")
+
+
+def inspect(config: ml_collections.ConfigDict) -> Facts:
+  """The dataset's image shape and size from its TFDS info, before preparing anything:
+  a dataset that will be streamed is then prepared as ArrayRecord directly."""
+  ds = config.dataset
+  builder = prepare.describe(ds.name, data_dir=ds.data_dir)
+  splits = builder.info.splits
+  try:
+    num = sum(splits[s].num_examples for s in (ds.train_split, ds.eval_split)) if splits else 0
+  except (KeyError, ValueError):  # A bad split name: the source's own check says so.
+    num = 0
+  shape = tuple(builder.info.features["image"].shape)
+  return Facts(image_shape=(*shape[:2], shape[2] or 3), num_examples=num)
+
+
+def choose(config: ml_collections.ConfigDict, facts: Facts) -> str:
+  """'memory' or 'stream' for this config and dataset (see the module doc)."""
+  ds, aug = config.dataset, config.augment
+  h, w, c = facts.image_shape
+  resized = ds.image_size is not None and (facts.varies or (h, w) != (ds.image_size,) * 2)
+  if ds.source == "memory":
+    if facts.varies:
+      raise UserError(f"Dataset {ds.name!r} has images of varying size {facts.image_shape}, "
+                      "which cannot be held as one array in memory: set "
+                      "--config.dataset.source=stream (or auto).")
+    if resized or aug.random_resized_crop:
+      raise UserError("dataset.image_size and augment.random_resized_crop are done on the "
+                      "host while streaming: set --config.dataset.source=stream (or auto).")
+    return "memory"
+  if ds.source == "stream":
+    return "stream"
+  if facts.varies or resized or aug.random_resized_crop:
+    return "stream"
+  decoded = facts.num_examples * h * w * c
+  if decoded > MEMORY_FRACTION * _physical_memory():
+    logging.info("Dataset %s decodes to %.1f GB: streaming it.", ds.name, decoded / 1e9)
+    return "stream"
+  return "memory"
+
+
+def _physical_memory() -> int:
+  try:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    return 1 << 34
+
+
+def prepare_data(config: ml_collections.ConfigDict) -> None:
+  """Makes the dataset ready for the source this config will use (ArrayRecord to stream)."""
+  ds = config.dataset
+  if choose(config, inspect(config)) == "stream":
+    prepare.prepare(ds.name, data_dir=ds.data_dir, manual_dir=ds.manual_dir,
+                    random_access=True)
 
 
 def make(config: ml_collections.ConfigDict, par: parallel.DataParallel):
+  validate(config)
+  kind = choose(config, inspect(config))
+  if kind == "stream":
+    return _stream(config, par)
   ds = config.dataset
   spec, train, evald = memory.load(ds.name, data_dir=ds.data_dir, manual_dir=ds.manual_dir,
                                    train_split=ds.train_split, eval_split=ds.eval_split)
@@ -18,4 +124,55 @@ def make(config: ml_collections.ConfigDict, par: parallel.DataParallel):
   source = memory.MemorySource(
       train, evald, par=par, seed=config.seed, batch_size=config.batch_size,
       eval_batch_size=config.eval_batch_size, on_device=ds.on_device)
+  return spec, source
+
+
+def _stream(config: ml_collections.ConfigDict, par: parallel.DataParallel):
+  import tensorflow_datasets as tfds
+
+  from flaxtrain.data import stream
+
+  ds, aug = config.dataset, config.augment
+  builder = prepare.prepare(ds.name, data_dir=ds.data_dir, manual_dir=ds.manual_dir,
+                            random_access=True)
+  for split in (ds.train_split, ds.eval_split):
+    prepare.check_split(builder, split)
+  image = builder.info.features["image"]
+  h, w, c = image.shape
+  c = c or 3
+  if c not in (1, 3):
+    raise UserError(f"Dataset {ds.name!r} has {c}-channel images: streaming decodes 1 "
+                    "(grayscale) or 3 (RGB) channels.")
+  size = ds.image_size
+  if size is None and (h is None or w is None):
+    size = DEFAULT_VARYING_SIZE
+  if size is None and aug.random_resized_crop:
+    if h != w:
+      raise UserError(f"augment.random_resized_crop makes square crops, and {ds.name}'s "
+                      f"images are {h}x{w}: set --config.dataset.image_size.")
+    size = h
+  keep = size is None or (not aug.random_resized_crop and (h, w) == (size, size))
+  shape = (h, w, c) if size is None else (size, size, c)
+  common = dict(channels=c, area_range=tuple(aug.crop_area_range),
+                aspect_range=tuple(aug.crop_aspect_range), crop_fraction=ds.eval_crop_fraction)
+  train_t = preprocess.Transform(size=None if keep else size, train=True,
+                                 random_resized_crop=aug.random_resized_crop, **common)
+  eval_t = preprocess.Transform(
+      size=None if (size is None or (h, w) == (size, size)) else size, train=False, **common)
+  augment.validate(aug, shape)
+
+  def records(split):
+    return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+
+  train_records, eval_records = records(ds.train_split), records(ds.eval_split)
+  label = builder.info.features["label"]
+  spec = prepare.DatasetSpec(
+      name=ds.name, image_shape=shape, num_classes=label.num_classes,
+      class_names=tuple(label.names), train_split=ds.train_split, eval_split=ds.eval_split,
+      num_train=len(train_records), num_eval=len(eval_records))
+  source = stream.StreamSource(
+      train_records, eval_records, par=par, image_shape=shape, seed=config.seed,
+      batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+      train_transform=train_t, eval_transform=eval_t, train_split=ds.train_split,
+      eval_split=ds.eval_split, workers=ds.workers, threads=ds.threads, prefetch=ds.prefetch)
   return spec, source

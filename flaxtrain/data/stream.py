@@ -1,0 +1,169 @@
+"""The streaming source: records read by random access, decoded in Grain worker processes.
+
+For datasets larger than memory or with images of varying size (ImageNet). Records come
+from TFDS's ArrayRecord files (`tfds.data_source`, raw image bytes); `records.TrainStep`
+builds this process's rows of each global batch (the shared index plan) and Grain runs
+it in `workers` processes with `threads` threads each, `prefetch` batches ahead. Grain's
+own sampler, sharding and iterator checkpoints are not used: they tie the data order and
+the saved state to the process and worker counts. Here the position is the step alone,
+so a resumed run rebuilds the pipeline at its step, on any topology and worker count.
+
+Host memory does not grow with the dataset: only the epoch's permutation of record ids
+(8 bytes a record) and the batches in flight are held.
+"""
+
+import os
+import time
+
+import grain
+import numpy as np
+from absl import flags, logging
+
+from flaxtrain import parallel
+from flaxtrain.data import records
+from flaxtrain.data.plan import Batches, IndexPlan
+from flaxtrain.errors import UserError
+
+# Steps of the train stream: far beyond any run; Grain's datasets are lazy.
+_ENDLESS = 1 << 40
+
+
+def local_rows(par: parallel.DataParallel, batch: int) -> np.ndarray:
+  """The global rows of a [batch] array that this process's devices hold, ascending."""
+  index_map = par.sharding(parallel.BATCH).addressable_devices_indices_map((batch,))
+  ranges = sorted((s[0].start or 0, s[0].stop if s[0].stop is not None else batch)
+                  for s in index_map.values())
+  return np.concatenate([np.arange(a, b) for a, b in ranges]).astype(np.int64)
+
+
+def default_workers(num_workers: int) -> int:
+  """-1: one worker per core this process may use, up to 32 (Grain spawns processes)."""
+  if num_workers >= 0:
+    return num_workers
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(1, min(cores or 1, 32))
+
+
+def check_workers(num_workers, threads, prefetch) -> None:
+  cores = os.cpu_count() or 1
+  if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < -1:
+    raise UserError(f"dataset.workers must be -1 (one per core), 0 (no worker processes) or "
+                    f"a positive count, got {num_workers!r}.")
+  if num_workers > 4 * cores:
+    raise UserError(f"dataset.workers={num_workers} is more than 4x the {cores} CPU cores of "
+                    f"this machine: use at most {4 * cores}, or -1 for one per core.")
+  for key, value in (("threads", threads), ("prefetch", prefetch)):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise UserError(f"dataset.{key} must be a positive integer, got {value!r}.")
+
+
+class StreamSource:
+  """Train and eval batches built by Grain from a random-access record source."""
+
+  def __init__(self, train_records, eval_records, *, par: parallel.DataParallel,
+               image_shape, seed: int, batch_size: int, eval_batch_size: int,
+               train_transform, eval_transform, train_split: str, eval_split: str,
+               workers: int, threads: int, prefetch: int):
+    self.par = par
+    self.plan = IndexPlan(num_train=len(train_records), num_eval=len(eval_records),
+                          batch_size=batch_size, eval_batch_size=eval_batch_size,
+                          num_devices=par.num_devices, seed=seed)
+    self.shape = tuple(image_shape)
+    self.workers, self.threads, self.prefetch = default_workers(workers), threads, prefetch
+    self.description = (f"streamed: {self.workers} Grain worker process(es) x {threads} "
+                        f"thread(s) per process, host-side decoding")
+    self._train_rows = local_rows(par, batch_size)
+    self._eval_rows = local_rows(par, self.plan.eval_batch_size)
+    self._train_fn = records.TrainStep(train_records, train_split, self._train_rows,
+                                       train_transform, self.shape, self.plan)
+    self._eval_fn = records.EvalStep(eval_records, eval_split, self._eval_rows,
+                                     eval_transform, self.shape, self.plan.num_eval,
+                                     self.plan.eval_batch_size)
+    self._train_it, self._next_step = None, None
+    self.input_wait_s = 0.0  # Time the loop spent blocked waiting for train batches.
+
+  # ----------------------------------------------------------------- pipelines
+
+  def _iterate(self, dataset: grain.MapDataset):
+    ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=self.threads,
+                                                   prefetch_buffer_size=self.prefetch))
+    if self.workers > 0:
+      if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags (e.g. under pytest).
+        flags.FLAGS.mark_as_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self.workers, per_worker_buffer_size=self.prefetch))
+    return iter(ds)
+
+  def _next(self, it, what: str) -> dict:
+    try:
+      return next(it)
+    except records.RecordError as e:
+      raise UserError(f"Input failed: {e}: re-prepare the dataset (python -m "
+                      "flaxtrain.datasets NAME) or drop the damaged record.") from e
+    except StopIteration as e:
+      raise UserError(f"The {what} input ended early: report this as a bug.") from e
+    except Exception as e:  # Grain re-raises a worker's error, or reports its death.
+      if isinstance(e.__cause__, records.RecordError) or "RecordError" in str(e):
+        detail = str(e.__cause__ or e).strip().splitlines()[-1][:300]
+        raise UserError(f"Input failed: {detail}: re-prepare the dataset (python -m "
+                        "flaxtrain.datasets NAME) or drop the damaged record.") from e
+      raise UserError(f"An input worker failed ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:200]}): the last checkpoint is kept; run "
+                      "the same command to resume.") from e
+
+  def _global(self, host: np.ndarray, rows: np.ndarray, chunk_shape) -> "jax.Array":  # noqa: F821
+    """[chunk, local rows, ...] host values -> a global [chunk, batch, ...] array."""
+    def fetch(index):
+      a = index[1].start or 0
+      b = index[1].stop if index[1].stop is not None else chunk_shape[1]
+      i = int(np.searchsorted(rows, a))
+      return host[(index[0], slice(i, i + (b - a)), *index[2:])]
+    return self.par.put_from_callback(chunk_shape, parallel.STEPS_BATCH, fetch)
+
+  def _batches(self, steps: list[dict], chunk: int, batch: int, rows) -> Batches:
+    inputs = {}
+    for key in steps[0]:
+      first = steps[0][key]
+      host = np.zeros((chunk, *first.shape), first.dtype)
+      for j, s in enumerate(steps):
+        host[j] = s[key]
+      inputs[key] = self._global(host, rows, (chunk, batch, *first.shape[1:]))
+    return Batches(inputs=inputs, specs={k: parallel.STEPS_BATCH for k in inputs})
+
+  # ----------------------------------------------------------------- the interface
+
+  def train_batches(self, start_step: int, num_steps: int, chunk: int) -> Batches:
+    if self._next_step != start_step:  # A new run, a resume, or a jump: restart at the step.
+      self.close()
+      dataset = grain.MapDataset.range(start_step, _ENDLESS).map(self._train_fn)
+      self._train_it, self._next_step = self._iterate(dataset), start_step
+    t = time.perf_counter()
+    steps = [self._next(self._train_it, "train") for _ in range(num_steps)]
+    self.input_wait_s += time.perf_counter() - t
+    self._next_step += num_steps
+    return self._batches(steps, chunk, self.plan.batch_size, self._train_rows)
+
+  def eval_batches(self):
+    """One masked eval batch per chunk, built by the workers as they go."""
+    it = self._iterate(grain.MapDataset.range(self.plan.eval_steps).map(self._eval_fn))
+    try:
+      for _ in range(self.plan.eval_steps):
+        yield self._batches([self._next(it, "eval")], 1, self.plan.eval_batch_size,
+                            self._eval_rows)
+    finally:
+      del it
+
+  def eval_examples(self, num: int) -> dict:
+    """The first `num` eval examples as the model sees them (decoded here, no workers)."""
+    num = min(num, self.plan.num_eval)
+    fn = self._eval_fn
+    images = np.zeros((num, *self.shape), np.uint8)
+    labels = np.zeros((num,), np.int32)
+    for i in range(num):
+      images[i], labels[i] = fn._example(i, None)
+    return {"image": images, "label": labels}
+
+  def close(self):
+    if self._train_it is not None:
+      logging.debug("Closing the train input pipeline.")
+      self._train_it, self._next_step = None, None
