@@ -9,6 +9,7 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
 GCLOUD=${GCLOUD:-gcloud}
 POLL_SECONDS=${TPU_VM_POLL_SECONDS:-30}
+DEFAULT_DATA_MOUNT=/mnt/flaxtrain-data
 
 usage() {
   cat <<EOF
@@ -20,7 +21,8 @@ Actions:
   create    Create the TPU VM (or, with --queued, a queued resource) and wait
             until it is READY. Reuses an existing one with the same name.
   install   On every worker: create a venv and pip install 'flaxtrain[tpu]'
-            from --source.
+            from --source; with --data-bucket, also install gcsfuse and mount
+            the bucket read-only.
   run       Start flaxtrain on all workers at once, in the background (nohup).
             Each worker logs to ~/flaxtrain-run/logs/worker_<N>.log.
             With --follow, stream worker 0's log and wait for all workers.
@@ -61,7 +63,8 @@ Creating (create, up):
                           --queued; uses 'gcloud alpha'). Can be preempted.
   --service-account=EMAIL Service account of the VMs (default: the Compute
                           Engine default account). It needs read access to
-                          --data-dir and write access to --workdir.
+                          --data-dir / --data-bucket and write access to
+                          --workdir.
   --no-wait               Do not wait for the TPU to become READY.
 
 Installing (install, up):
@@ -87,6 +90,11 @@ Running (run, up):
   --data-dir=DIR          TFDS data dir, passed as --config.dataset.data_dir.
                           Must be gs://... on a multi-host slice. Default:
                           flaxtrain's default (each worker downloads its own).
+                          TFDS's TFRecord data (read through tf.data) can be
+                          read from gs:// directly this way. ArrayRecord data
+                          (the streaming input, dataset.source=stream) is
+                          read by random access from a local file system:
+                          use --data-bucket instead.
   --config=FILE[:ARGS]    Local config file; copied to every worker. Default:
                           configs/fashion_cnn.py (relative to the current
                           directory, else to this checkout).
@@ -98,6 +106,24 @@ Running (run, up):
                           fails, and also on error or Ctrl-C.
   -- FLAXTRAIN_FLAGS...   Everything after '--' is passed to flaxtrain, e.g.
                           -- --config.num_epochs=3 --config.batch_size=512
+
+Data on GCS for the streaming input (install, run, up):
+  --data-bucket=gs://BUCKET[/PREFIX]
+                          Bucket holding prepared TFDS datasets (PREFIX: the
+                          TFDS data dir inside it, e.g. gs://my-bucket/tfds).
+                          install: on every worker, apt-install gcsfuse (if
+                          missing) and mount it read-only at --data-mount
+                          (only PREFIX, with --only-dir), with metadata
+                          caching for ArrayRecord's many small random reads;
+                          skipped where it is already mounted.
+                          run: check that it is mounted and start flaxtrain
+                          with TFDS_DATA_DIR=<--data-mount>, unless the
+                          flaxtrain flags set --config.dataset.data_dir.
+                          Not together with --data-dir.
+  --data-mount=PATH       Absolute mount point on the workers (default:
+                          $DEFAULT_DATA_MOUNT). 'run --data-mount=PATH'
+                          without --data-bucket uses what install mounted
+                          there.
 
 Logs (logs):
   --worker=N|all          Which worker's log (default: 0).
@@ -118,6 +144,9 @@ Examples:
   $PROG up --name=ft-v4 --zone=us-central2-b --project=my-proj \\
       --tpu-type=v4-32 --workdir=gs://my-bucket/runs/v4 \\
       --data-dir=gs://my-bucket/tfds --follow -- --config.num_epochs=10
+  $PROG up --name=ft-v4 --zone=us-central2-b --project=my-proj \\
+      --tpu-type=v4-32 --workdir=gs://my-bucket/runs/in1k \\
+      --data-bucket=gs://my-bucket/tfds --config=configs/imagenet_resnet50.py
   $PROG up --queued --spot --teardown --name=ft-v5e --zone=us-west4-a \\
       --project=my-proj --tpu-type=v5litepod-16 --workdir=gs://my-bucket/runs/v5e
   $PROG logs --name=ft-v4 --zone=us-central2-b --project=my-proj --worker=all
@@ -171,6 +200,7 @@ TPU_TYPE="" RUNTIME_VERSION="" QUEUED=0 SPOT=0 BEST_EFFORT=0 SERVICE_ACCOUNT=""
 # shellcheck disable=SC2088 # "~" is expanded on the workers, not here
 NO_WAIT=0 SOURCE="" VENV="~/flaxtrain-venv" PYTHON=python3.11 WORKDIR="" DATA_DIR=""
 CONFIG="" FOLLOW=0 TEARDOWN=0 WORKER=0 LINES=100 LOG_FOLLOW=1 DRY_RUN=0
+DATA_BUCKET="" DATA_MOUNT=""
 EXTRA_FLAGS=()
 
 need_value() {
@@ -204,7 +234,8 @@ while (($#)); do
       esac
       ;;
     --name | --zone | --project | --tpu-type | --runtime-version | --service-account | \
-      --source | --venv | --python | --workdir | --data-dir | --config | --worker | --lines)
+      --source | --venv | --python | --workdir | --data-dir | --data-bucket | --data-mount | \
+      --config | --worker | --lines)
       if ((has_value == 0)); then
         need_value "$@"
         value=$2
@@ -223,6 +254,8 @@ while (($#)); do
         --python) PYTHON=$value ;;
         --workdir) WORKDIR=$value ;;
         --data-dir) DATA_DIR=$value ;;
+        --data-bucket) DATA_BUCKET=$value ;;
+        --data-mount) DATA_MOUNT=$value ;;
         --config) CONFIG=$value ;;
         --worker) WORKER=$value ;;
         --lines) LINES=$value ;;
@@ -263,6 +296,10 @@ if ((TEARDOWN)); then
 fi
 if ((FOLLOW)); then does run up || die "--follow only applies to run and up (use the logs action)"; fi
 if ((${#EXTRA_FLAGS[@]})); then does run up || die "flaxtrain flags after -- only apply to run and up"; fi
+for flag in "${EXTRA_FLAGS[@]}"; do
+  [[ $flag != --config && $flag != --config=* ]] ||
+    die "pass the config file as --config=FILE before '--' (the script copies it to every worker), not after it"
+done
 
 # Accelerator type -> generation, chip/core count and default runtime version.
 GENERATION="" TPU_SIZE=0
@@ -329,6 +366,31 @@ if does run up; then
   fi
   [[ -f $CONFIG_FILE ]] || die "--config file '$CONFIG_FILE' not found (it is copied to every worker)"
   CONFIG_FILE=$(cd "$(dirname "$CONFIG_FILE")" && pwd)/$(basename "$CONFIG_FILE")
+fi
+
+# Data bucket -> gcsfuse mount (install), TFDS_DATA_DIR=<mount> (run).
+DATA_BUCKET_NAME="" DATA_PREFIX=""
+if [[ -n $DATA_BUCKET || -n $DATA_MOUNT ]]; then
+  does install run up || die "--data-bucket and --data-mount only apply to install, run and up"
+fi
+if [[ -n $DATA_BUCKET ]]; then
+  [[ $DATA_BUCKET =~ ^gs://([a-z0-9][-a-z0-9_.]*[a-z0-9])(/[A-Za-z0-9_.~=+@,/-]*)?$ ]] ||
+    die "--data-bucket '$DATA_BUCKET' is not a gs://BUCKET[/PREFIX] URL"
+  DATA_BUCKET_NAME=${BASH_REMATCH[1]}
+  DATA_PREFIX=${BASH_REMATCH[2]}
+  while [[ $DATA_PREFIX == /* ]]; do DATA_PREFIX=${DATA_PREFIX#/}; done
+  while [[ $DATA_PREFIX == */ ]]; do DATA_PREFIX=${DATA_PREFIX%/}; done
+  [[ -z $DATA_DIR ]] ||
+    die "--data-dir and --data-bucket both set the TFDS data dir: use --data-dir for gs:// TFRecord data, --data-bucket for ArrayRecord (streaming) data"
+  DATA_MOUNT=${DATA_MOUNT:-$DEFAULT_DATA_MOUNT}
+elif [[ -n $DATA_MOUNT ]]; then
+  does run || die "--data-mount needs --data-bucket to $ACTION (it is where the bucket is mounted)"
+  [[ -z $DATA_DIR ]] || die "--data-dir and --data-mount both set the TFDS data dir: pass one of them"
+fi
+if [[ -n $DATA_MOUNT ]]; then
+  [[ $DATA_MOUNT =~ ^(/[A-Za-z0-9_.-]+)+/?$ ]] ||
+    die "--data-mount '$DATA_MOUNT' must be an absolute path of letters, digits and _ . - (e.g. $DEFAULT_DATA_MOUNT)"
+  DATA_MOUNT=${DATA_MOUNT%/}
 fi
 
 # Source: local dir -> wheel; local archive -> as is; URL -> pip installs it remotely.
@@ -488,6 +550,22 @@ do_install() {
     scp_all "$file" "flaxtrain-dist/"
   fi
   ssh_all all "set -eu; $vpy -m pip install -q $pkg; $vpy -c 'import flaxtrain; print(\"flaxtrain\", flaxtrain.__version__, \"installed\")'"
+  if [[ -n $DATA_BUCKET ]]; then mount_data; fi
+}
+
+# Mount --data-bucket read-only at --data-mount on every worker with gcsfuse.
+# ArrayRecord files (the streaming input) are read by random access, which needs a
+# POSIX path, not gs://. MaxText's docs (Grain pipeline) recommend reading ArrayRecord
+# through Cloud Storage FUSE with metadata caching, which speeds up random access, and
+# an 'ls -R' of the mount to pre-fill that cache: unlimited TTL and cache sizes, as the
+# data does not change during training. The 'ls -R' runs once, in the background,
+# right after mounting.
+mount_data() {
+  local apt="sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600"
+  local src="gs://$DATA_BUCKET_NAME${DATA_PREFIX:+/$DATA_PREFIX}" flags
+  flags="--implicit-dirs -o ro --metadata-cache-ttl-secs=-1 --stat-cache-max-size-mb=-1 --type-cache-max-size-mb=-1"
+  if [[ -n $DATA_PREFIX ]]; then flags+=" --only-dir=$(q "$DATA_PREFIX")"; fi
+  ssh_all all "set -eu; $R_WORKER; M=$(q "$DATA_MOUNT"); if ! command -v gcsfuse >/dev/null 2>&1; then echo \"deb [signed-by=/usr/share/keyrings/gcsfuse.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -c -s) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null; curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/gcsfuse.asc >/dev/null; $apt update -q; $apt install -y -q gcsfuse; fi; if mountpoint -q \"\$M\"; then echo \"worker \$W: \$M is already mounted (from \$(findmnt -n -o SOURCE \"\$M\" || echo ?)); to mount $src there instead, first run: sudo umount \$M\"; else sudo mkdir -p \"\$M\"; sudo chown \"\$(id -u):\$(id -g)\" \"\$M\"; gcsfuse $flags $(q "$DATA_BUCKET_NAME") \"\$M\"; nohup ls -R \"\$M\" >/dev/null 2>&1 </dev/null & echo \"worker \$W: mounted $src read-only at \$M\"; fi"
 }
 
 do_run() {
@@ -495,15 +573,25 @@ do_run() {
   base=$(basename "$CONFIG_FILE")
   args="--config=$R_RUN/configs/$(q "$base$CONFIG_ARGS") --workdir=$(q "$WORKDIR")"
   if [[ -n $DATA_DIR ]]; then args+=" --config.dataset.data_dir=$(q "$DATA_DIR")"; fi
-  local flag
+  local flag env="" check="" hint=${DATA_BUCKET:-gs://BUCKET/PREFIX}
   for flag in "${EXTRA_FLAGS[@]}"; do args+=" $(q "$flag")"; done
+  # --data-bucket / --data-mount: TFDS finds its data in the gcsfuse mount, unless
+  # the flaxtrain flags name a data dir themselves.
+  if [[ -n $DATA_MOUNT ]]; then
+    if [[ " ${EXTRA_FLAGS[*]} " == *" --config.dataset.data_dir"[=\ ]* ]]; then
+      log "--config.dataset.data_dir is among the flaxtrain flags: not setting TFDS_DATA_DIR=$DATA_MOUNT"
+    else
+      env="TFDS_DATA_DIR=$(q "$DATA_MOUNT") "
+      check=" if ! mountpoint -q $(q "$DATA_MOUNT"); then echo \"worker \$W: $DATA_MOUNT is not mounted; mount the data bucket with: $PROG install --data-bucket=$hint --data-mount=$DATA_MOUNT\" >&2; exit 1; fi;"
+    fi
+  fi
 
   # 1. Refuse if training is already running anywhere; create the run directory.
-  ssh_all all "set -eu; $R_WORKER; R=$R_RUN; mkdir -p \"\$R/logs\" \"\$R/configs\"; if [ -f \"\$R/flaxtrain.pid\" ] && kill -0 \"\$(cat \"\$R/flaxtrain.pid\")\" 2>/dev/null; then echo \"worker \$W: flaxtrain is already running (pid \$(cat \"\$R/flaxtrain.pid\")); stop it first with: $PROG stop\" >&2; exit 1; fi"
+  ssh_all all "set -eu; $R_WORKER; R=$R_RUN; mkdir -p \"\$R/logs\" \"\$R/configs\"; if [ -f \"\$R/flaxtrain.pid\" ] && kill -0 \"\$(cat \"\$R/flaxtrain.pid\")\" 2>/dev/null; then echo \"worker \$W: flaxtrain is already running (pid \$(cat \"\$R/flaxtrain.pid\")); stop it first with: $PROG stop\" >&2; exit 1; fi;$check"
   # 2. Copy the config to every worker.
   scp_all "$CONFIG_FILE" "flaxtrain-run/configs/$base"
   # 3. Start flaxtrain everywhere in the background; the wrapper records its exit status.
-  ssh_all all "set -eu; $R_WORKER; R=$R_RUN; LOG=\"\$R/logs/worker_\$W.log\"; rm -f \"\$R/exit_code\"; PYTHONUNBUFFERED=1 nohup sh -c 'f=\$1; shift; trap : TERM INT; \"\$@\"; echo \$? > \"\$f\"' sh \"\$R/exit_code\" $R_VENV/bin/flaxtrain $args > \"\$LOG\" 2>&1 < /dev/null & echo \$! > \"\$R/flaxtrain.pid\"; echo \"worker \$W: started flaxtrain (pid \$!), log: \$LOG\""
+  ssh_all all "set -eu; $R_WORKER; R=$R_RUN; LOG=\"\$R/logs/worker_\$W.log\"; rm -f \"\$R/exit_code\"; ${env}PYTHONUNBUFFERED=1 nohup sh -c 'f=\$1; shift; trap : TERM INT; \"\$@\"; echo \$? > \"\$f\"' sh \"\$R/exit_code\" $R_VENV/bin/flaxtrain $args > \"\$LOG\" 2>&1 < /dev/null & echo \$! > \"\$R/flaxtrain.pid\"; echo \"worker \$W: started flaxtrain (pid \$!), log: \$LOG\""
   if ((FOLLOW)); then
     ((TEARDOWN)) || log "training runs in the background: Ctrl-C only stops following (resume with: $PROG logs ...)"
     WORKER=0 LOG_FOLLOW=1

@@ -95,6 +95,29 @@ def test_killed_multiprocess_run_resumes_from_its_checkpoint(two_by_two, real_da
   assert _summary(workdir)["eval_loss"] == _summary(two_by_two / "multi")["eval_loss"]
 
 
+def test_streamed_batches_are_the_same_on_two_processes_and_any_worker_count(tmp_path):
+  """Streamed variable-size JPEGs with random-resized crops: 2 processes x 2 devices with 2
+  Grain workers each train bitwise the same parameters as 1 device with no workers, so
+  every global batch was the same (topology_invariant_shards removes reduction order)."""
+  from conftest import make_image_dataset
+
+  make_image_dataset(tmp_path / "tfds", "flaxtrain_mp_jpeg", 256, 64)
+  extra = [*TINY_FLAGS, f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+           "--config.dataset.name=flaxtrain_mp_jpeg", "--config.dataset.image_size=24",
+           "--config.augment.random_resized_crop=true", "--config.augment.flip=true",
+           "--config.topology_invariant_shards=4", "--config.eval_batch_size=40"]
+  topology.run_multi(tmp_path / "multi", 2, 2, 6, [*extra, "--config.dataset.workers=2"],
+                     timeout=600)
+  topology.run_single(tmp_path / "one", 1, 6, [*extra, "--config.dataset.workers=0"],
+                      timeout=600)
+  a, b = topology.load_params(tmp_path / "multi"), topology.load_params(tmp_path / "one")
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  multi, one = _summary(tmp_path / "multi"), _summary(tmp_path / "one")
+  assert (multi["processes"], multi["devices"], one["devices"]) == (2, 4, 1)
+  assert multi["eval_examples"] == one["eval_examples"] == 64  # Exact across hosts.
+  assert "streamed" in multi["data_source"]
+
+
 def test_missing_process_is_a_clear_error_within_the_timeout(real_data_dir, tmp_path):
   port = topology._free_port()
   start = time.time()
@@ -153,6 +176,54 @@ def test_tpu_vm_dry_run_prints_the_gcloud_commands():
        "--project=my-project", "--tpu-type=v4-32", "--workdir=/local/dir", "--dry-run"],
       capture_output=True, text=True, cwd=ROOT)
   assert bad.returncode != 0 and "gs://" in bad.stderr
+
+
+def _tpu_vm_dry_run(*args):
+  return subprocess.run(
+      ["bash", str(ROOT / "scripts" / "tpu_vm.sh"), "--name=ft", "--zone=us-central2-b",
+       "--project=my-project", "--dry-run", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_tpu_vm_data_bucket_is_mounted_with_gcsfuse_and_becomes_tfds_data_dir():
+  r = _tpu_vm_dry_run("up", "--tpu-type=v4-32", "--workdir=gs://my-bucket/runs/x",
+                      "--data-bucket=gs://my-bucket/tfds", "--", "--config.num_epochs=1")
+  assert r.returncode == 0, r.stderr
+  lines = r.stdout.splitlines()
+  mount = [ln for ln in lines if "gcsfuse" in ln]
+  assert len(mount) == 1 and "--worker=all" in mount[0], r.stdout
+  assert "gcsfuse-$(lsb_release -c -s)" in mount[0]
+  assert "apt-get -o DPkg::Lock::Timeout=600 install -y -q gcsfuse" in mount[0]
+  assert 'mountpoint -q "$M"' in mount[0] and "M=/mnt/flaxtrain-data" in mount[0]
+  assert ("gcsfuse --implicit-dirs -o ro --metadata-cache-ttl-secs=-1" in mount[0]
+          and '--only-dir=tfds my-bucket "$M"' in mount[0])
+  assert 'ls -R "$M"' in mount[0]
+  start = [ln for ln in lines if "bin/flaxtrain" in ln]
+  assert len(start) == 1 and "--worker=all" in start[0], r.stdout
+  assert "TFDS_DATA_DIR=/mnt/flaxtrain-data PYTHONUNBUFFERED=1 nohup" in start[0]
+  assert "--config.dataset.data_dir" not in start[0]
+  # Mounted (install) before flaxtrain starts (run), which first checks the mount.
+  assert lines.index(mount[0]) < lines.index(start[0])
+  assert any("mountpoint -q /mnt/flaxtrain-data" in ln for ln in lines[lines.index(mount[0]) + 1:])
+
+  # A data dir among the flaxtrain flags wins: no TFDS_DATA_DIR.
+  r = _tpu_vm_dry_run("run", "--tpu-type=v4-32", "--workdir=gs://my-bucket/runs/x",
+                      "--data-mount=/data/tfds", "--", "--config.dataset.data_dir=/other")
+  assert r.returncode == 0, r.stderr
+  assert "TFDS_DATA_DIR" not in r.stdout and "--config.dataset.data_dir=/other" in r.stdout
+
+
+@pytest.mark.parametrize("bad", [
+    ["--data-bucket=my-bucket/tfds"],
+    ["--data-bucket=gs://my-bucket/tfds", "--data-dir=gs://my-bucket/tfds"],
+    ["--data-bucket=gs://my-bucket/tfds", "--data-mount=relative/dir"],
+])
+def test_tpu_vm_bad_data_bucket_fails_before_any_gcloud_command(bad):
+  r = _tpu_vm_dry_run("up", "--tpu-type=v4-32", "--workdir=gs://my-bucket/runs/x", *bad)
+  assert r.returncode != 0
+  assert r.stdout == ""  # no command printed, so none would have run
+  err = r.stderr.strip()
+  assert err.startswith("tpu_vm.sh: error: --data-") and "\n" not in err, err
+  assert "gs://" in err or "absolute path" in err, err
 
 
 if __name__ == "__main__":
