@@ -77,3 +77,16 @@ def test_eval_counts_every_example_exactly_once(n_eval, eval_batch, devices):
 def test_batch_larger_than_dataset_is_refused():
   with pytest.raises(UserError, match="larger than the 1000 training examples"):
     _pipe(batch=2048)
+
+
+def test_index_plan_is_safe_for_input_threads_at_epoch_boundaries():
+  from concurrent.futures import ThreadPoolExecutor
+
+  p = plan.IndexPlan(num_train=5000, num_eval=10, batch_size=100, eval_batch_size=10,
+                     num_devices=1, seed=3)
+  steps = [s for e in range(6) for s in (e * 50 + 49, e * 50 + 50)] * 20  # Alternate epochs.
+  expected = {s: plan.IndexPlan(num_train=5000, num_eval=10, batch_size=100, eval_batch_size=10,
+                                num_devices=1, seed=3).step_indices(s) for s in set(steps)}
+  with ThreadPoolExecutor(8) as pool:
+    got = list(pool.map(p.step_indices, steps))
+  assert all(np.array_equal(g, expected[s]) for s, g in zip(steps, got, strict=True))

@@ -56,13 +56,16 @@ class IndexPlan:
       raise UserError(f"batch_size {batch_size} is larger than the {num_train} training "
                       "examples: lower --config.batch_size.")
     self.eval_steps = int(math.ceil(num_eval / self.eval_batch_size))
-    self._perm_epoch, self._perm = None, None
+    self._cached = (None, None)  # (epoch, permutation)
 
   def permutation(self, epoch: int) -> np.ndarray:
-    if self._perm_epoch != epoch:  # Batches rarely span epochs: caching one is enough.
-      self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_train)
-      self._perm_epoch = epoch
-    return self._perm
+    # One cached epoch is enough (batches rarely span two), swapped in as one tuple:
+    # input threads may ask for two epochs at once near a boundary.
+    cached_epoch, perm = self._cached
+    if cached_epoch != epoch:
+      perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_train)
+      self._cached = (epoch, perm)
+    return perm
 
   def step_indices(self, step: int) -> np.ndarray:
     """[batch_size] example ids of the global batch of train step `step` (0-based)."""
