@@ -191,6 +191,8 @@ def _summary_line(s: dict, workdir: str) -> str:
 
   speed = s.get("train_examples_per_sec")
   speed = f"{speed:,.0f} train examples/s" if speed else "no steps trained"
+  if s.get("input_wait_share") is not None:  # Streamed input: did the hosts keep up?
+    speed += f" ({s['input_wait_share']:.1%} of it waiting for input)"
   return (f"flaxtrain: step {s['step']}: {evaluate.metrics_text(s)} on {s['eval_examples']} "
           f"examples; {speed}; "
           f"{s['wall_s']:.1f} s wall; summary in {os.path.join(workdir, 'summary.json')}")

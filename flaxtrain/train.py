@@ -638,7 +638,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           timing["first_step_s"] = time.time() - start_time
           timing["compile_s"] = time.time() - t
           timing["steady_start"] = time.time()
-          timing["input_wait_start"] = getattr(exp.data, "input_wait_s", 0.0)
+          timing["input_wait_start"] = exp.data.input_wait_s
         else:
           timing["steady_steps"] += n
         for s in range(step + 1, step + n + 1):  # ReportProgress wants every step.
@@ -704,8 +704,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       steady = timing["steady_steps"] * config.batch_size / steady_s \
           if timing["steady_steps"] else None
       # Share of the steady train time the loop spent blocked waiting for input batches.
-      waited = getattr(exp.data, "input_wait_s", 0.0) - timing["input_wait_start"]
-      wait_share = waited / steady_s if timing["steady_steps"] and steady_s > 0 else None
+      wait_share = None
+      if exp.data.input_wait_s is not None and timing["steady_steps"] and steady_s > 0:
+        wait_share = (exp.data.input_wait_s - timing["input_wait_start"]) / steady_s
       summary = {
           "step": step, **eval_result, "train_examples_per_sec": steady,
           "wall_s": time.time() - start_time, "time_to_first_step_s": timing["first_step_s"],

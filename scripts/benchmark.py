@@ -3,6 +3,7 @@
     make bench              # .venv/bin/python scripts/benchmark.py --config=configs/fashion_cnn.py
     make bench ARGS="--batch_sizes=32,128 --steps=400 --rounds=3"
     make bench ARGS=--full  # also the whole 10-epoch run, next to the tutorial's
+    make bench ARGS=--input # input pipeline only (scripts/input_benchmark.py)
 
 For every batch size and round, in this order, each in a fresh subprocess (so XLA_FLAGS and
 device counts are clean):
@@ -599,9 +600,22 @@ WORKERS = {
 
 def run_worker_main(kind: str, spec_json: str):
   spec = json.loads(spec_json)
-  result = WORKERS[kind](spec)
+  if kind.startswith("input_"):  # --input's workers (scripts/input_benchmark.py).
+    result = _input_benchmark().WORKERS[kind](spec)
+  else:
+    result = WORKERS[kind](spec)
   with open(spec["out"], "w") as f:
     json.dump(result, f)
+
+
+def _input_benchmark():
+  """scripts/input_benchmark.py: the --input mode (input pipeline only)."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  if here not in sys.path:
+    sys.path.insert(0, here)
+  import input_benchmark
+
+  return input_benchmark
 
 
 # ---------------------------------------------------------------- orchestration
@@ -957,6 +971,12 @@ def parse_args(argv):
   )
   p.add_argument("--json_out", default=None, help="also write the JSON here")
   p.add_argument(
+    "--input",
+    action="store_true",
+    help="benchmark only the input pipeline: flaxtrain's streamed preprocessing vs the Flax "
+    "ImageNet example's tf.data (scripts/input_benchmark.py; `--input --help` for its flags)",
+  )
+  p.add_argument(
     "--quiet_wait",
     type=float,
     default=30.0,
@@ -978,6 +998,8 @@ def parse_args(argv):
 
 
 def main(argv):
+  if "--input" in argv:  # Input pipeline only: its own flags (scripts/input_benchmark.py).
+    return _input_benchmark().main([a for a in argv if a != "--input"])
   args, passthrough = parse_args(argv)
   use_torch = not args.skip_torch and torch_importable()
   if not args.skip_torch and not use_torch:

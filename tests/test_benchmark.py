@@ -117,6 +117,69 @@ def test_tiny_benchmark_reports_every_field(real_data_dir, tmp_path):
   assert report["full"] is None
 
 
+def test_tiny_input_benchmark_reports_every_field(tmp_path):
+  """`benchmark.py --input` in a tiny form: 64 JPEGs, batches of 16, 1 round."""
+  out = tmp_path / "input.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  cmd = [
+    sys.executable,
+    str(SCRIPT),
+    "--input",
+    "--input_images=64",
+    "--input_batch=16",
+    "--input_warmup=1",
+    "--input_batches=2",
+    "--input_workers=0,1",
+    "--input_decode_images=16",
+    "--input_decode_reps=1",
+    "--rounds=1",
+    "--quiet_wait=0",
+    f"--input_data_dir={tmp_path / 'data'}",
+    f"--json_out={out}",
+  ]
+  r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+  assert r.returncode == 0, r.stderr[-4000:]
+  report = json.loads(out.read_text())
+  assert json.loads(r.stdout) == report
+
+  assert report["machine"]["cores"] >= 1
+  assert report["versions"]["grain"] and report["versions"]["tensorflow-datasets"]
+  data = report["data"]
+  assert data["num_train"] == 64 and not data["reused"] and 20 < data["mean_jpeg_kb"] < 500
+  assert (tmp_path / "data" / "n64-seed0" / "made.json").exists()  # Cached for reuse.
+
+  rates = report["flaxtrain_examples_per_sec_by_workers"]
+  assert set(rates) == {"0", "1"} and all(positive(v) for v in rates.values())
+  assert report["workers_used"] in (0, 1)
+  assert report["input_examples_per_sec"] == max(rates.values())
+  assert positive(report["tf_data_examples_per_sec"])
+  assert report["flaxtrain_vs_tf_data"] == pytest.approx(
+    report["input_examples_per_sec"] / report["tf_data_examples_per_sec"]
+  )
+  for w in ("0", "1"):
+    f = report["flaxtrain"][w]
+    assert "error" not in f, f
+    assert f["workers"] == int(w) and f["timed_images"] == 32
+    assert f["output"] == "uint8 [16, 224, 224, 3]"
+  assert report["tf_data"]["output"] == "float32 [16, 224, 224, 3]"
+  decode = report["decode_ms_per_image"]
+  for key in (
+    "record_read",
+    "cv2_imdecode_full",
+    "flaxtrain_header_pil",
+    "flaxtrain_transform",
+    "flaxtrain_resize",
+    "flaxtrain_train_step_per_image",
+    "tf_decode_jpeg_full",
+    "tf_decode_and_crop_jpeg",
+    "tf_flax_preprocess_for_train",
+  ):
+    assert positive(decode[key]), (key, decode[key])
+  # A whole decode and preprocessing costs more than the header parse alone.
+  assert decode["tf_flax_preprocess_for_train"] > decode["tf_extract_jpeg_shape"]
+  assert decode["flaxtrain_transform"] > decode["flaxtrain_header_pil"]
+
+
 def test_progress_notes_give_checkpoint_and_eval_shares():
   bench = load_benchmark_module()
   stderr = (

@@ -83,6 +83,7 @@ class MemorySource:
     self.description = "in memory, on device" if self.on_device else "in memory, gathered on host"
     self._tables = {}
     self._eval_batches = None
+    self.input_wait_s = None  # Batches are gathered when asked for: nothing to wait for.
 
   def _decide_on_device(self, mode) -> bool:
     if mode in (True, "true", "True", "yes"):

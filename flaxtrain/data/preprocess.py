@@ -62,8 +62,33 @@ class Transform:
     return crop_and_resize(data, box, self.size, self.channels, (h, w))
 
 
+# JPEG start-of-frame markers (baseline, progressive, ...): they carry the image size.
+_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+  """(height, width) from a JPEG's start-of-frame segment; None if not found."""
+  i, n = 2, len(data)
+  while i + 9 <= n:
+    if data[i] != 0xFF:
+      return None
+    marker = data[i + 1]
+    if marker == 0xFF:  # Fill byte.
+      i += 1
+      continue
+    if marker in _SOF:
+      return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+    if marker == 0xD8 or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # No length field.
+      i += 2
+      continue
+    i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+  return None
+
+
 def image_size(data: bytes) -> tuple[int, int]:
   """(height, width) from the image header, without decoding the pixels."""
+  if data[:2] == b"\xff\xd8" and (hw := _jpeg_size(data)) and min(hw) > 0:
+    return hw  # ~15x faster than asking PIL.
   from PIL import Image  # Reads only the header here.
 
   try:
@@ -137,9 +162,11 @@ def crop_and_resize(data: bytes, box, size: int, channels: int, hw) -> np.ndarra
     raise DecodeError(f"the header says {hw[0]}x{hw[1]} but the pixels are {h}x{w}")
   crop = image[y:y + ch, x:x + cw]
   if crop.shape[:2] != (size, size):
-    shrink = crop.shape[0] > size and crop.shape[1] > size
-    crop = cv2.resize(crop, (size, size),
-                      interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+    # Bicubic, as the Flax ImageNet example resizes; area averaging (4x slower) only where
+    # shrinking by over 2x would alias, which the reduced-scale decode mostly leaves to
+    # images that are not JPEGs.
+    far = min(crop.shape[:2]) > 2 * size
+    crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if far else cv2.INTER_CUBIC)
     if channels == 1:
       crop = crop[:, :, None]
   return np.ascontiguousarray(crop)

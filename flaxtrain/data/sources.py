@@ -1,7 +1,8 @@
 """config -> (DatasetSpec, source): the one place that picks a data source.
 
 A source has `plan` (the index plan), `description`, `train_batches(start, n, chunk)`,
-`eval_batches()` (chunks of masked eval batches), `eval_examples(n)` and `close()`.
+`eval_batches()` (chunks of masked eval batches), `eval_examples(n)`, `input_wait_s`
+(seconds the loop waited for train batches; None where it never waits) and `close()`.
 
 `dataset.source`: 'memory' decodes both splits into host memory (fixed-size images);
 'stream' reads records by random access and decodes them in Grain workers; 'auto'

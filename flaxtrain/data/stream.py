@@ -36,12 +36,23 @@ def local_rows(par: parallel.DataParallel, batch: int) -> np.ndarray:
   return np.concatenate([np.arange(a, b) for a, b in ranges]).astype(np.int64)
 
 
+def _cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def default_workers(num_workers: int) -> int:
   """-1: one worker per core this process may use, up to 32 (Grain spawns processes)."""
   if num_workers >= 0:
     return num_workers
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return max(1, min(cores or 1, 32))
+  return max(1, min(_cores() or 1, 32))
+
+
+def default_threads(threads: int, workers: int) -> int:
+  """-1: one per worker process (workers x threads ~ cores: measured fastest with workers),
+  or one per core, up to 16, when the training process decodes by itself."""
+  if threads > 0:
+    return threads
+  return 1 if workers > 0 else max(1, min(_cores() or 1, 16))
 
 
 def check_workers(num_workers, threads, prefetch) -> None:
@@ -52,9 +63,11 @@ def check_workers(num_workers, threads, prefetch) -> None:
   if num_workers > 4 * cores:
     raise UserError(f"dataset.workers={num_workers} is more than 4x the {cores} CPU cores of "
                     f"this machine: use at most {4 * cores}, or -1 for one per core.")
-  for key, value in (("threads", threads), ("prefetch", prefetch)):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise UserError(f"dataset.{key} must be a positive integer, got {value!r}.")
+  if not isinstance(threads, int) or isinstance(threads, bool) or threads < -1 or threads == 0:
+    raise UserError(f"dataset.threads must be -1 (automatic) or a positive integer, got "
+                    f"{threads!r}.")
+  if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 1:
+    raise UserError(f"dataset.prefetch must be a positive integer, got {prefetch!r}.")
 
 
 class StreamSource:
@@ -69,8 +82,9 @@ class StreamSource:
                           batch_size=batch_size, eval_batch_size=eval_batch_size,
                           num_devices=par.num_devices, seed=seed)
     self.shape = tuple(image_shape)
-    self.workers, self.threads, self.prefetch = default_workers(workers), threads, prefetch
-    self.description = (f"streamed: {self.workers} Grain worker process(es) x {threads} "
+    self.workers = default_workers(workers)
+    self.threads, self.prefetch = default_threads(threads, self.workers), prefetch
+    self.description = (f"streamed: {self.workers} Grain worker process(es) x {self.threads} "
                         f"thread(s) per process, host-side decoding")
     self._train_rows = local_rows(par, batch_size)
     self._eval_rows = local_rows(par, self.plan.eval_batch_size)
