@@ -65,7 +65,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # mean (123.675, 116.28, 103.53) and std (58.395, 57.12, 57.375). None: x / 255.
   c.dataset.mean = config_dict.placeholder(tuple)
   c.dataset.std = config_dict.placeholder(tuple)
-  # Streaming: Grain worker processes per process (-1: one per core up to 32; 0: none,
+  # Streaming: Grain worker processes per process (-1: one per core up to 64; 0: none,
   # decode in threads of the training process), threads per process (-1: 1 per worker, or
   # one per core when workers is 0), batches prefetched per worker.
   c.dataset.workers = -1
