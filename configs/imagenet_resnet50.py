@@ -16,10 +16,11 @@ of the area, aspect 3/4-4/3) and flips at 224 px for training; eval resizes the 
 side to 256 and centre-crops 224; ImageNet mean/std normalisation on the device.
 Decoding runs in Grain worker processes on each host, one per core by default.
 
-Expected (the Flax example's README, same recipe): 76.37-76.72% top-1 on the 50,000
-validation images, e.g. 76.54% in 2.1 h on TPU v3-32 and 4.4 h on v3-8. flaxtrain's eval
-counts every validation image exactly once (the Flax example drops the last partial
-batch). Not measured by flaxtrain's authors: there is no ImageNet or accelerator where
+Expected: the Flax example reports 76.37-76.72% top-1 with these hyperparameters (e.g.
+76.54% in 2.1 h on TPU v3-32, 4.4 h on v3-8). Its preprocessing differs in details: its
+crops come from TF's sample_distorted_bounding_box with a centre-crop fallback, its
+decode is TF's, and its eval drops the last partial batch (flaxtrain counts all 50,000
+images). Not measured by flaxtrain's authors: there is no ImageNet or accelerator where
 it is developed; the pipeline is tested on mocked ImageNet records.
 """
 

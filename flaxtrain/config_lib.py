@@ -59,7 +59,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Side of the (square) images the model gets. Default: the dataset's own size when it
   # is fixed, 224 when it varies. Resizing happens on the host (streamed data).
   c.dataset.image_size = config_dict.placeholder(int)
-  # Eval of resized data: resize the shorter side to image_size / this, then centre-crop.
+  # Eval of images of varying size: resize the shorter side to image_size / this, then
+  # centre-crop image_size (fixed-size images are only resized).
   c.dataset.eval_crop_fraction = 0.875
   # Per-channel normalisation on the device, in pixel units (0-255), e.g. ImageNet's
   # mean (123.675, 116.28, 103.53) and std (58.395, 57.12, 57.375). None: x / 255.

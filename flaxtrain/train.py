@@ -80,6 +80,9 @@ def validate(config: ml_collections.ConfigDict, par: parallel.DataParallel):
     if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
       raise UserError(f"{key} must be a positive {kind.__name__}, got {value!r}: "
                       f"set --config.{key}.")
+  if not isinstance(config.seed, int) or isinstance(config.seed, bool) or config.seed < 0:
+    raise UserError(f"seed must be a non-negative integer, got {config.seed!r}: set "
+                    "--config.seed.")
   positive("batch_size", config.batch_size)
   positive("eval_batch_size", config.eval_batch_size)
   positive("num_epochs", config.num_epochs)
@@ -155,8 +158,15 @@ def preprocess(images, dtype=jnp.float32, norm=None):
   """uint8 images -> floats of `dtype`: in [0, 1], or (x - mean) / std with norm=(mean, std)."""
   if norm is None:
     return images.astype(jnp.float32).astype(dtype) / 255.0
+  return normalize(images.astype(jnp.float32) / 255.0, norm).astype(dtype)
+
+
+def normalize(x, norm):
+  """float32 pixels in [0, 1] -> (255 x - mean) / std, with mean and std in pixel units."""
+  if norm is None:
+    return x
   mean, std = (jnp.asarray(v, jnp.float32) for v in norm)
-  return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
+  return (x * 255.0 - mean) / std
 
 
 def normalization(config):
@@ -272,9 +282,10 @@ def make_train_chunk(model, tx, schedule, task, config, dtype, max_steps: int,
     step_key = jax.random.fold_in(base_key, state.step)
     device = parallel.device_index()
     local_batch = batch["label"].shape[0]
-    x = preprocess(batch["image"], jnp.float32, norm)
+    # Augmented in [0, 1] (zero padding is black, erasing noise uniform), then normalised.
+    x = preprocess(batch["image"], jnp.float32)
     x = augment.apply(x, jax.random.fold_in(step_key, 1), device * local_batch, aug_cfg)
-    x = x.astype(dtype)
+    x = normalize(x, norm).astype(dtype)
     dropout_key = jax.random.fold_in(step_key, 2)
     if shards:
       grads, model_state, per_example, task_metrics, aux = invariant_gradients(
@@ -502,9 +513,10 @@ class Experiment:
         self._evaluate[steps] = self.par.compile(
             make_eval(self.model, self.task, self.dtype, steps, self.eval_metrics, self.norm),
             in_specs=(parallel.REPLICATED, batches.specs), out_specs=parallel.REPLICATED)
-      chunk = self.par.to_host(self._evaluate[steps](state, batches.inputs))
+      chunk = self._evaluate[steps](state, batches.inputs)  # No host wait between chunks.
       total = chunk if total is None else total.merge(chunk)
-    values = total.compute()
+    self.data.raise_if_failed()
+    values = self.par.to_host(total).compute()
     out = {f"eval_{k}": float(v) for k, v in values.items() if k != "examples"}
     out["eval_examples"] = int(values["examples"])
     return out
@@ -652,6 +664,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             or step % plan.eval_every == 0 or step % plan.checkpoint_every == 0):
           check(unchecked)  # Before anything is logged, evaluated or saved.
           unchecked = None
+          exp.data.raise_if_failed()  # Agreed by all processes: no blank batch is saved.
         if step % plan.log_every == 0 or step == plan.total_steps:
           values = par.to_host(train_metrics).compute()
           logged = {f"train_{k}": float(v) for k, v in values.items()}

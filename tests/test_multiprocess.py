@@ -118,6 +118,29 @@ def test_streamed_batches_are_the_same_on_two_processes_and_any_worker_count(tmp
   assert "streamed" in multi["data_source"]
 
 
+def test_a_bad_record_on_one_process_stops_every_process_in_one_sentence(tmp_path):
+  """Only the process that reads the record sees it; the others must not wait forever."""
+  from conftest import make_image_dataset
+
+  make_image_dataset(tmp_path / "tfds", "flaxtrain_mp_bad", 256, 32, corrupt={5})
+  cmd = topology._cmd(tmp_path / "w", 8, [*TINY_FLAGS, "--config.dataset.name=flaxtrain_mp_bad",
+                                          f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+                                          "--config.dataset.image_size=24",
+                                          "--config.log_every_steps=2",
+                                          "--config.dataset.workers=1"])
+  port = topology._free_port()
+  procs = [subprocess.Popen(cmd + [f"--coordinator_address=127.0.0.1:{port}",
+                                   "--num_processes=2", f"--process_id={i}"],
+                            env=topology._env(2), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs, strict=True):
+    errors = [line for line in out.splitlines() if line.startswith("flaxtrain: error:")]
+    assert p.returncode == 1 and len(errors) == 1, out[-3000:]
+    assert "Input failed" in errors[0], errors
+  assert any("could not be decoded" in out for out in outs)
+
+
 def test_missing_process_is_a_clear_error_within_the_timeout(real_data_dir, tmp_path):
   port = topology._free_port()
   start = time.time()

@@ -179,6 +179,16 @@ def test_bad_streaming_settings_are_one_sentence(data_dir, overrides, message):
   assert "\n" not in str(err.value)
 
 
+def test_normalization_must_fit_the_channels_and_the_task(data_dir):
+  gray = _config(data_dir, FIXED, **{"dataset.mean": (1.0, 2.0, 3.0), "dataset.std": (1.0,) * 3})
+  with pytest.raises(UserError, match="dataset.mean has 3 values but .* 1 channel"):
+    sources.make(gray, parallel.DataParallel())
+  recon = _config(data_dir, FIXED, **{"dataset.mean": (0.5,), "dataset.std": (0.25,)})
+  recon.task.name = "reconstruction"
+  with pytest.raises(UserError, match="unset dataset.mean and dataset.std"):
+    sources.validate(recon)
+
+
 def test_an_undecodable_record_is_named_in_one_sentence(tmp_path):
   make_image_dataset(tmp_path, "flaxtrain_corrupt", 128, 16, corrupt={77})
   c = _config(str(tmp_path), "flaxtrain_corrupt", **{"dataset.workers": 2,
@@ -242,6 +252,22 @@ def test_cli_learns_variable_size_jpegs_and_resumes_exactly_after_sigkill(data_d
   out = rerun.communicate(timeout=600)[0]
   assert rerun.returncode == 0 and "Resumed from the checkpoint at step" in out, out[-3000:]
   assert _summary(tmp_path / "killed")["eval_loss"] == result["eval_loss"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_stops_cleanly_with_workers(data_dir, tmp_path):
+  """The workers ignore stop signals: the trainer finishes its step, saves and exits 0."""
+  run = _cli(data_dir, tmp_path / "w", "--config.num_epochs=200", "--config.dataset.workers=2",
+             "--config.checkpoint_every_steps=4", start_new_session=True)
+  ckpt = tmp_path / "w" / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (ckpt.exists() and any(
+      p.name.isdigit() for p in ckpt.iterdir())):
+    time.sleep(0.2)  # Until training runs, its workers started.
+  os.killpg(run.pid, signal.SIGTERM)
+  out = run.communicate(timeout=300)[0]
+  assert run.returncode == 0, out[-3000:]
+  assert "Stopped at step" in out and "Traceback" not in out, out[-3000:]
 
 
 @pytest.mark.slow

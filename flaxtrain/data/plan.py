@@ -56,15 +56,17 @@ class IndexPlan:
       raise UserError(f"batch_size {batch_size} is larger than the {num_train} training "
                       "examples: lower --config.batch_size.")
     self.eval_steps = int(math.ceil(num_eval / self.eval_batch_size))
-    self._cached = (None, None)  # (epoch, permutation)
+    self._cached = {}  # {epoch: permutation}, the two newest epochs.
 
   def permutation(self, epoch: int) -> np.ndarray:
-    # One cached epoch is enough (batches rarely span two), swapped in as one tuple:
-    # input threads may ask for two epochs at once near a boundary.
-    cached_epoch, perm = self._cached
-    if cached_epoch != epoch:
+    # Two epochs are kept, since input threads work on both sides of an epoch boundary;
+    # the dict is replaced, never changed in place, so a thread never sees it half-made.
+    cached = self._cached
+    perm = cached.get(epoch)
+    if perm is None:
       perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_train)
-      self._cached = (epoch, perm)
+      newest = max(cached, default=None)
+      self._cached = {epoch: perm, **({newest: cached[newest]} if newest is not None else {})}
     return perm
 
   def step_indices(self, step: int) -> np.ndarray:

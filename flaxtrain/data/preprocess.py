@@ -107,7 +107,10 @@ def decode(data: bytes, channels: int, scale: int = 1) -> np.ndarray:
   else:
     flag = _REDUCED[scale] if scale > 1 else cv2.IMREAD_COLOR
   # Pixels as stored, as TensorFlow decodes them: EXIF orientation is not applied.
-  image = cv2.imdecode(buf, flag | cv2.IMREAD_IGNORE_ORIENTATION)
+  try:
+    image = cv2.imdecode(buf, flag | cv2.IMREAD_IGNORE_ORIENTATION)
+  except cv2.error as e:
+    raise DecodeError(f"OpenCV: {' '.join(str(e).split())[:120]}") from e
   if image is None:
     raise DecodeError("the bytes are not a decodable image")
   if channels == 1:

@@ -10,6 +10,9 @@ and so every batch, is the same for 0, 1 or 16 workers. Augmentation draws come 
 numpy, OpenCV and the record source only: input workers never touch JAX.
 """
 
+import resource
+import signal
+
 import numpy as np
 
 from flaxtrain.data import plan as plan_lib
@@ -17,6 +20,29 @@ from flaxtrain.data import preprocess
 
 # Seeds of host-side random draws: (seed, _HOST_AUGMENT, step, global row).
 _HOST_AUGMENT = 0x5EED
+
+
+def worker_init(worker_index: int, num_workers: int) -> None:
+  """Runs first in every input worker process.
+
+  Stop signals are the training process's to handle: it finishes its step, saves and then
+  stops the workers. Left to Python's defaults, a Ctrl-C or SIGTERM sent to the process
+  group would kill the workers first and turn a clean stop into an input failure. Each
+  worker keeps one open reader per shard (ImageNet: ~1,100 files), hence the file limit.
+  """
+  del worker_index, num_workers
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  raise_file_limit()
+
+
+def raise_file_limit() -> None:
+  soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+  if hard == resource.RLIM_INFINITY or soft < hard:
+    try:
+      resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+      pass  # Not allowed here: the soft limit stays, which is only a risk for huge datasets.
 
 
 class RecordError(ValueError):
@@ -28,11 +54,13 @@ class _Steps:
                shape: tuple[int, int, int]):
     self.source = source  # A random-access source: len(), source[i] -> {'image', 'label'}.
     self.split = split
-    self.rows = np.asarray(rows, np.int64)  # This process's global rows, in device order.
+    # This process's global rows, ascending (StreamSource._global relies on it).
+    self.rows = np.asarray(rows, np.int64)
     self.transform = transform
     self.shape = tuple(shape)
 
-  def _example(self, record_id: int, rng) -> tuple[np.ndarray, int]:
+  def example(self, record_id: int, rng) -> tuple[np.ndarray, int]:
+    """(image, label) of one record, or a RecordError that names it."""
     try:
       record = self.source[record_id]
       image = self.transform(record["image"], rng)
@@ -64,7 +92,7 @@ class TrainStep(_Steps):
     for i, (row, rid) in enumerate(zip(self.rows, ids, strict=True)):
       rng = (np.random.default_rng([self.plan.seed, _HOST_AUGMENT, step, int(row)])
              if random else None)
-      images[i], labels[i] = self._example(int(rid), rng)
+      images[i], labels[i] = self.example(int(rid), rng)
     return {"image": images, "label": labels}
 
 
@@ -84,5 +112,5 @@ class EvalStep(_Steps):
     mask = (ids < self.num_eval).astype(np.float32)
     for i, rid in enumerate(ids):
       if rid < self.num_eval:  # Padding rows stay zero: no record is read for them.
-        images[i], labels[i] = self._example(int(rid), None)
+        images[i], labels[i] = self.example(int(rid), None)
     return {"image": images, "label": labels, "mask": mask}

@@ -2,7 +2,9 @@
 
 A source has `plan` (the index plan), `description`, `train_batches(start, n, chunk)`,
 `eval_batches()` (chunks of masked eval batches), `eval_examples(n)`, `input_wait_s`
-(seconds the loop waited for train batches; None where it never waits) and `close()`.
+(seconds the loop waited for train batches; None where it never waits),
+`raise_if_failed()` (called by every process at the same steps: an input failure on one
+process stops all of them) and `close()`.
 
 `dataset.source`: 'memory' decodes both splits into host memory (fixed-size images);
 'stream' reads records by random access and decodes them in Grain workers; 'auto'
@@ -30,12 +32,16 @@ MEMORY_FRACTION = 0.25  # 'auto' streams when decoded splits exceed this share o
 class Facts:
   """What the choice of source needs to know about a dataset, from its TFDS info."""
 
-  image_shape: tuple  # (H, W, C); H and W are None where the images vary in size.
+  image_shape: tuple  # (H, W, C); None where the images vary (C: channels not fixed).
   num_examples: int  # Train plus eval examples; 0 where unknown (e.g. mocked data).
 
   @property
   def varies(self) -> bool:
-    return None in self.image_shape[:2]
+    return None in self.image_shape
+
+  @property
+  def channels(self) -> int:
+    return self.image_shape[2] or 3  # Decoded as RGB when the dataset does not say.
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -57,6 +63,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if (ds.mean is None) != (ds.std is None):
     raise UserError("dataset.mean and dataset.std go together: set both, or neither for "
                     "pixels scaled to [0, 1].")
+  if ds.mean is not None and config.task.name == "reconstruction":
+    raise UserError("The reconstruction task learns to output the pixels in [0, 1]: unset "
+                    "dataset.mean and dataset.std.")
+
+
+def _check_normalization(ds, channels: int) -> None:
+  for key in ("mean", "std"):
+    if ds[key] is not None and len(ds[key]) not in (1, channels):
+      raise UserError(f"dataset.{key} has {len(ds[key])} values but {ds.name}'s images have "
+                      f"{channels} channel(s): give 1 or {channels}.")
 
 
 def inspect(config: ml_collections.ConfigDict) -> Facts:
@@ -69,14 +85,13 @@ def inspect(config: ml_collections.ConfigDict) -> Facts:
     num = sum(splits[s].num_examples for s in (ds.train_split, ds.eval_split)) if splits else 0
   except (KeyError, ValueError):  # A bad split name: the source's own check says so.
     num = 0
-  shape = tuple(builder.info.features["image"].shape)
-  return Facts(image_shape=(*shape[:2], shape[2] or 3), num_examples=num)
+  return Facts(image_shape=tuple(builder.info.features["image"].shape), num_examples=num)
 
 
 def choose(config: ml_collections.ConfigDict, facts: Facts) -> str:
   """'memory' or 'stream' for this config and dataset (see the module doc)."""
   ds, aug = config.dataset, config.augment
-  h, w, c = facts.image_shape
+  h, w, _ = facts.image_shape
   resized = ds.image_size is not None and (facts.varies or (h, w) != (ds.image_size,) * 2)
   if ds.source == "memory":
     if facts.varies:
@@ -91,7 +106,7 @@ def choose(config: ml_collections.ConfigDict, facts: Facts) -> str:
     return "stream"
   if facts.varies or resized or aug.random_resized_crop:
     return "stream"
-  decoded = facts.num_examples * h * w * c
+  decoded = facts.num_examples * h * w * facts.channels
   if decoded > MEMORY_FRACTION * _physical_memory():
     logging.info("Dataset %s decodes to %.1f GB: streaming it.", ds.name, decoded / 1e9)
     return "stream"
@@ -115,7 +130,9 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
 
 def make(config: ml_collections.ConfigDict, par: parallel.DataParallel):
   validate(config)
-  kind = choose(config, inspect(config))
+  facts = inspect(config)
+  _check_normalization(config.dataset, facts.channels)
+  kind = choose(config, facts)
   if kind == "stream":
     return _stream(config, par)
   ds = config.dataset
@@ -154,12 +171,16 @@ def _stream(config: ml_collections.ConfigDict, par: parallel.DataParallel):
     size = h
   keep = size is None or (not aug.random_resized_crop and (h, w) == (size, size))
   shape = (h, w, c) if size is None else (size, size, c)
+  # Centre crops of eval_crop_fraction for images of varying size (ImageNet's 224 of 256);
+  # fixed-size images, and training without random crops, are only resized.
+  eval_fraction = ds.eval_crop_fraction if h is None or w is None else 1.0
   common = dict(channels=c, area_range=tuple(aug.crop_area_range),
-                aspect_range=tuple(aug.crop_aspect_range), crop_fraction=ds.eval_crop_fraction)
-  train_t = preprocess.Transform(size=None if keep else size, train=True,
+                aspect_range=tuple(aug.crop_aspect_range))
+  train_t = preprocess.Transform(size=None if keep else size, train=True, crop_fraction=1.0,
                                  random_resized_crop=aug.random_resized_crop, **common)
   eval_t = preprocess.Transform(
-      size=None if (size is None or (h, w) == (size, size)) else size, train=False, **common)
+      size=None if (size is None or (h, w) == (size, size)) else size, train=False,
+      crop_fraction=eval_fraction, **common)
   augment.validate(aug, shape)
 
   def records(split):

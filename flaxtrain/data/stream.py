@@ -57,7 +57,7 @@ def default_threads(threads: int, workers: int) -> int:
 
 
 def check_workers(num_workers, threads, prefetch) -> None:
-  cores = os.cpu_count() or 1
+  cores = _cores() or 1
   if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < -1:
     raise UserError(f"dataset.workers must be -1 (one per core), 0 (no worker processes) or "
                     f"a positive count, got {num_workers!r}.")
@@ -96,35 +96,30 @@ class StreamSource:
                                      self.plan.eval_batch_size)
     self._train_it, self._next_step = None, None
     self.input_wait_s = 0.0  # Time the loop spent blocked waiting for train batches.
+    self.error = None  # Multi-process: this process's input failure, until all agree.
 
   # ----------------------------------------------------------------- pipelines
 
-  def _iterate(self, dataset: grain.MapDataset):
-    ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=self.threads,
-                                                   prefetch_buffer_size=self.prefetch))
-    if self.workers > 0:
+  def _iterate(self, dataset: grain.MapDataset, workers: int | None = None):
+    workers = self.workers if workers is None else workers
+    # Grain submits at most prefetch_buffer_size elements at once: below the thread count,
+    # threads would sit idle.
+    ds = dataset.to_iter_dataset(grain.ReadOptions(
+        num_threads=self.threads, prefetch_buffer_size=max(self.prefetch, self.threads)))
+    if workers > 0:
       if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags (e.g. under pytest).
         flags.FLAGS.mark_as_parsed()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=self.workers, per_worker_buffer_size=self.prefetch))
+          num_workers=workers, per_worker_buffer_size=self.prefetch),
+          worker_init_fn=records.worker_init)
     return iter(ds)
 
   def _next(self, it, what: str) -> dict:
     try:
       return next(it)
-    except records.RecordError as e:
-      raise UserError(f"Input failed: {e}: re-prepare the dataset (python -m "
-                      "flaxtrain.datasets NAME) or drop the damaged record.") from e
-    except StopIteration as e:
-      raise UserError(f"The {what} input ended early: report this as a bug.") from e
     except Exception as e:  # Grain re-raises a worker's error, or reports its death.
-      if isinstance(e.__cause__, records.RecordError) or "RecordError" in str(e):
-        detail = str(e.__cause__ or e).strip().splitlines()[-1][:300]
-        raise UserError(f"Input failed: {detail}: re-prepare the dataset (python -m "
-                        "flaxtrain.datasets NAME) or drop the damaged record.") from e
-      raise UserError(f"An input worker failed ({type(e).__name__}: "
-                      f"{' '.join(str(e).split())[:200]}): the last checkpoint is kept; run "
-                      "the same command to resume.") from e
+      _close(it)
+      raise _input_error(e, what) from e
 
   def _global(self, host: np.ndarray, rows: np.ndarray, chunk_shape) -> "jax.Array":  # noqa: F821
     """[chunk, local rows, ...] host values -> a global [chunk, batch, ...] array."""
@@ -145,40 +140,110 @@ class StreamSource:
       inputs[key] = self._global(host, rows, (chunk, batch, *first.shape[1:]))
     return Batches(inputs=inputs, specs={k: parallel.STEPS_BATCH for k in inputs})
 
+  def _failed(self, error: UserError, blank: dict) -> dict:
+    """Alone, fail now. With other processes, fail at the next point they all check
+    (`raise_if_failed`), feeding blanks until then: raising alone would leave the others
+    waiting forever in the step's collectives."""
+    if self.par.num_processes == 1:
+      raise error
+    if self.error is None:
+      logging.error("%s", error)
+      self.error = error
+    return blank
+
   # ----------------------------------------------------------------- the interface
 
   def train_batches(self, start_step: int, num_steps: int, chunk: int) -> Batches:
-    if self._next_step != start_step:  # A new run, a resume, or a jump: restart at the step.
+    blank = {"image": np.zeros((len(self._train_rows), *self.shape), np.uint8),
+             "label": np.zeros((len(self._train_rows),), np.int32)}
+    if self.error is None and self._next_step != start_step:  # New run, resume or jump.
       self.close()
       dataset = grain.MapDataset.range(start_step, _ENDLESS).map(self._train_fn)
       self._train_it, self._next_step = self._iterate(dataset), start_step
     t = time.perf_counter()
-    steps = [self._next(self._train_it, "train") for _ in range(num_steps)]
+    steps = []
+    for _ in range(num_steps):
+      try:
+        steps.append(blank if self.error else self._next(self._train_it, "train"))
+      except UserError as e:
+        self._train_it = None
+        steps.append(self._failed(e, blank))
     self.input_wait_s += time.perf_counter() - t
-    self._next_step += num_steps
+    if self._next_step is not None:
+      self._next_step += num_steps
     return self._batches(steps, chunk, self.plan.batch_size, self._train_rows)
 
   def eval_batches(self):
     """One masked eval batch per chunk, built by the workers as they go."""
-    it = self._iterate(grain.MapDataset.range(self.plan.eval_steps).map(self._eval_fn))
+    n = len(self._eval_rows)
+    blank = {"image": np.zeros((n, *self.shape), np.uint8), "label": np.zeros((n,), np.int32),
+             "mask": np.zeros((n,), np.float32)}
+    it = self._iterate(grain.MapDataset.range(self.plan.eval_steps).map(self._eval_fn),
+                       workers=min(self.workers, self.plan.eval_steps))
     try:
       for _ in range(self.plan.eval_steps):
-        yield self._batches([self._next(it, "eval")], 1, self.plan.eval_batch_size,
-                            self._eval_rows)
+        try:
+          step = blank if self.error else self._next(it, "eval")
+        except UserError as e:
+          step = self._failed(e, blank)
+        yield self._batches([step], 1, self.plan.eval_batch_size, self._eval_rows)
     finally:
-      del it
+      _close(it)
+
+  def raise_if_failed(self) -> None:
+    """Multi-process: raises on every process if input failed on any (all must call it)."""
+    if self.par.num_processes == 1:
+      return
+    from jax.experimental import multihost_utils
+
+    failed = multihost_utils.process_allgather(np.int32(self.error is not None))
+    if self.error is not None:
+      raise self.error
+    if np.any(failed):
+      bad = ", ".join(str(i) for i in np.flatnonzero(failed))
+      raise UserError(f"Input failed on process {bad} (its log says why): the last "
+                      "checkpoint is kept; fix the data and run the same command to resume.")
 
   def eval_examples(self, num: int) -> dict:
     """The first `num` eval examples as the model sees them (decoded here, no workers)."""
     num = min(num, self.plan.num_eval)
-    fn = self._eval_fn
     images = np.zeros((num, *self.shape), np.uint8)
     labels = np.zeros((num,), np.int32)
     for i in range(num):
-      images[i], labels[i] = fn._example(i, None)
+      try:
+        images[i], labels[i] = self._eval_fn.example(i, None)
+      except records.RecordError as e:
+        raise _input_error(e, "eval") from e
     return {"image": images, "label": labels}
 
   def close(self):
     if self._train_it is not None:
-      logging.debug("Closing the train input pipeline.")
+      _close(self._train_it)
       self._train_it, self._next_step = None, None
+
+
+def _close(it) -> None:
+  """Stops an iterator's worker processes and frees its shared-memory buffers now."""
+  close = getattr(it, "close", None)
+  if close is not None:
+    try:
+      close()
+    except Exception as e:  # A worker already gone: nothing left to stop.
+      logging.debug("Closing an input pipeline: %s", e)
+
+
+def _input_error(e: Exception, what: str) -> UserError:
+  """A one-sentence UserError for an exception raised while reading `what` input."""
+  if isinstance(e, UserError):
+    return e
+  cause = e if isinstance(e, records.RecordError) else e.__cause__
+  if isinstance(cause, records.RecordError) or "RecordError" in f"{type(e).__name__} {e}":
+    detail = " ".join(str(cause or e).split())[:300]
+    return UserError(f"Input failed: {detail}: the prepared files are damaged; delete the "
+                     "dataset's version directory in the TFDS data dir and prepare it again "
+                     "(python -m flaxtrain.datasets NAME), or check the disk.")
+  if isinstance(e, StopIteration):
+    return UserError(f"The {what} input ended early: report this as a bug.")
+  return UserError(f"An input worker failed ({type(e).__name__}: "
+                   f"{' '.join(str(e).split())[:200]}): the last checkpoint is kept; run the "
+                   "same command to resume.")
