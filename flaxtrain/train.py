@@ -745,8 +745,10 @@ def _prepare_data_once(config, par):
   if par.process_index == 0:
     try:
       sources.prepare_data(config)
-    except UserError as e:
-      error = e
+    except Exception as e:  # Any failure must reach the broadcast, or the others hang.
+      error = e if isinstance(e, UserError) else UserError(
+          f"Could not prepare dataset {config.dataset.name!r} ({type(e).__name__}: "
+          f"{' '.join(str(e).split())[:200]}): fix the cause and run again.")
   # Agreed by all, so that no process waits forever for one that failed.
   failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
   if error is not None:

@@ -141,7 +141,7 @@ def worker_input_data(spec: dict) -> dict:
   )
   from flaxtrain.data import preprocess
 
-  pixels = [np.prod(preprocess.image_size(b)) for b in train]
+  pixels = [np.prod(preprocess.header_size(b)) for b in train]
   info = {
     "num_train": n,
     "num_test": len(test),
@@ -332,7 +332,7 @@ def worker_input_decode(spec: dict) -> dict:
     lambda b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR), data, reps
   )
   ms["flaxtrain_decode_full_rgb"] = _ms_per_image(lambda b: preprocess.decode(b, 3), data, reps)
-  ms["flaxtrain_header_pil"] = _ms_per_image(preprocess.image_size, data, reps)
+  ms["flaxtrain_header"] = _ms_per_image(preprocess.header_size, data, reps)
   pairs = list(zip(data, seeds, strict=True))
   ms["flaxtrain_transform"] = _ms_per_image(
     lambda p: transform(p[0], np.random.default_rng(p[1])), pairs, reps
@@ -341,7 +341,7 @@ def worker_input_decode(spec: dict) -> dict:
   # The resize alone, on the crops the Transform takes (its interpolation rule).
   crops, reduced, area = [], 0, 0.0
   for b, seed in pairs:
-    h, w = preprocess.image_size(b)
+    h, w = preprocess.header_size(b)
     y, x, ch, cw = preprocess.random_resized_crop_box(
       np.random.default_rng(seed), h, w, transform.area_range, transform.aspect_range
     )

@@ -166,7 +166,7 @@ def test_tiny_input_benchmark_reports_every_field(tmp_path):
   for key in (
     "record_read",
     "cv2_imdecode_full",
-    "flaxtrain_header_pil",
+    "flaxtrain_header",
     "flaxtrain_transform",
     "flaxtrain_resize",
     "flaxtrain_train_step_per_image",
@@ -177,7 +177,7 @@ def test_tiny_input_benchmark_reports_every_field(tmp_path):
     assert positive(decode[key]), (key, decode[key])
   # A whole decode and preprocessing costs more than the header parse alone.
   assert decode["tf_flax_preprocess_for_train"] > decode["tf_extract_jpeg_shape"]
-  assert decode["flaxtrain_transform"] > decode["flaxtrain_header_pil"]
+  assert decode["flaxtrain_transform"] > decode["flaxtrain_header"]
 
 
 def test_progress_notes_give_checkpoint_and_eval_shares():

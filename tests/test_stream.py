@@ -89,7 +89,7 @@ def test_large_jpegs_decode_at_a_reduced_scale_to_nearly_the_same_pixels():
   image = np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)
   data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
   box = (0, 0, 800, 800)
-  fast = preprocess.crop_and_resize(data, box, 100, 3, (800, 960))  # Decoded at 1/4.
+  fast = preprocess.decode_crop_resize(data, box, 100, 3, (800, 960))  # Decoded at 1/4.
   full = cv2.resize(preprocess.decode(data, 3)[:800, :800], (100, 100),
                     interpolation=cv2.INTER_AREA)
   assert fast.shape == full.shape == (100, 100, 3)
@@ -338,3 +338,23 @@ def test_host_memory_of_a_streamed_run_does_not_grow_with_the_dataset(tmp_path):
     peaks[n] = _peak_rss_mb(cmd, env)
   decoded_growth_mb = (2000 - 200) * 256 * 256 * 3 / 2**20  # What holding it would add.
   assert peaks[2000] - peaks[200] < 0.15 * decoded_growth_mb, peaks
+
+
+def test_transforms_follow_the_dataset_and_the_config(data_dir):
+  """Which host transforms a config gets, without reading data."""
+  c = _config(data_dir)
+  shape, train_t, eval_t = sources.transforms((None, None, 3), c)  # Varying: 224 default.
+  assert shape == (224, 224, 3) and train_t.size == eval_t.size == 224
+  assert eval_t.crop_fraction == 0.875 and train_t.crop_fraction == 1.0
+  shape, train_t, eval_t = sources.transforms((28, 28, 1), c)  # Fixed: kept as stored.
+  assert shape == (28, 28, 1) and train_t.size is None and eval_t.size is None
+  c.dataset.image_size = 64  # Fixed, resized: no centre crop.
+  shape, _, eval_t = sources.transforms((32, 32, 3), c)
+  assert shape == (64, 64, 3) and eval_t.size == 64 and eval_t.crop_fraction == 1.0
+  c.dataset.image_size, c.augment.random_resized_crop = None, True  # Crops at the own size.
+  shape, train_t, eval_t = sources.transforms((32, 32, 3), c)
+  assert shape == (32, 32, 3) and train_t.size == 32 and eval_t.size is None
+  with pytest.raises(UserError, match="images are 4x5: set --config.dataset.image_size"):
+    sources.transforms((4, 5, 3), c)
+  with pytest.raises(UserError, match="4-channel images"):
+    sources.transforms((None, None, 4), c)

@@ -163,6 +163,11 @@ def add_format(builder: tfds.core.DatasetBuilder,
   if not _is_prepared(builder):
     raise ValueError(f"Dataset {builder.name} is not prepared in {builder.data_dir}.")
   source = builder.info.file_format
+  if not os.access(builder.data_dir, os.W_OK):
+    raise UserError(f"Dataset {builder.name} in {builder.data_dir} has no {file_format.value} "
+                    f"files and that directory is read-only (e.g. a gcsfuse mount): run python "
+                    f"-m flaxtrain.datasets {builder.name} --format={file_format.value} where "
+                    "it is writable, then copy it again.")
   logging.info("Dataset %s: converting its %s files to %s in place in %s.", builder.name,
                source.value, file_format.value, builder.data_dir)
   for split in builder.info.splits.values():

@@ -54,12 +54,12 @@ class Transform:
   def __call__(self, data: bytes, rng: np.random.Generator | None) -> np.ndarray:
     if self.size is None:
       return decode(data, self.channels)
-    h, w = image_size(data)
+    h, w = header_size(data)
     if self.train and self.random_resized_crop:
       box = random_resized_crop_box(rng, h, w, self.area_range, self.aspect_range)
     else:
       box = center_crop_box(h, w, self.crop_fraction)
-    return crop_and_resize(data, box, self.size, self.channels, (h, w))
+    return decode_crop_resize(data, box, self.size, self.channels, (h, w))
 
 
 # JPEG start-of-frame markers (baseline, progressive, ...): they carry the image size.
@@ -85,7 +85,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
   return None
 
 
-def image_size(data: bytes) -> tuple[int, int]:
+def header_size(data: bytes) -> tuple[int, int]:
   """(height, width) from the image header, without decoding the pixels."""
   if data[:2] == b"\xff\xd8" and (hw := _jpeg_size(data)) and min(hw) > 0:
     return hw  # ~15x faster than asking PIL.
@@ -149,7 +149,7 @@ def center_crop_box(h: int, w: int, crop_fraction: float) -> tuple[int, int, int
   return (h - side) // 2, (w - side) // 2, side, side
 
 
-def crop_and_resize(data: bytes, box, size: int, channels: int, hw) -> np.ndarray:
+def decode_crop_resize(data: bytes, box, size: int, channels: int, hw) -> np.ndarray:
   """Decodes (at a reduced scale where the crop allows it), crops `box`, resizes to size^2."""
   y, x, ch, cw = box
   scale = 1

@@ -129,7 +129,7 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
 
 
 def make(config: ml_collections.ConfigDict, par: parallel.DataParallel):
-  validate(config)
+  """The dataset's spec and its source; the config is validated (`validate`) already."""
   facts = inspect(config)
   _check_normalization(config.dataset, facts.channels)
   kind = choose(config, facts)
@@ -145,43 +145,51 @@ def make(config: ml_collections.ConfigDict, par: parallel.DataParallel):
   return spec, source
 
 
-def _stream(config: ml_collections.ConfigDict, par: parallel.DataParallel):
-  import tensorflow_datasets as tfds
+def transforms(image_shape, config: ml_collections.ConfigDict):
+  """(model input shape, train Transform, eval Transform) for a dataset's TFDS image shape.
 
-  from flaxtrain.data import stream
-
+  Pure: no data is read. Fixed-size images are kept as they are unless a size or random
+  crops are asked for; varying sizes default to DEFAULT_VARYING_SIZE. Centre crops of
+  eval_crop_fraction are for images of varying size (ImageNet's 224 of 256); fixed-size
+  images, and training without random crops, are only resized.
+  """
   ds, aug = config.dataset, config.augment
-  builder = prepare.prepare(ds.name, data_dir=ds.data_dir, manual_dir=ds.manual_dir,
-                            random_access=True)
-  for split in (ds.train_split, ds.eval_split):
-    prepare.check_split(builder, split)
-  image = builder.info.features["image"]
-  h, w, c = image.shape
+  h, w, c = image_shape
   c = c or 3
   if c not in (1, 3):
     raise UserError(f"Dataset {ds.name!r} has {c}-channel images: streaming decodes 1 "
                     "(grayscale) or 3 (RGB) channels.")
-  size = ds.image_size
-  if size is None and (h is None or w is None):
-    size = DEFAULT_VARYING_SIZE
+  varies = h is None or w is None
+  size = ds.image_size or (DEFAULT_VARYING_SIZE if varies else None)
   if size is None and aug.random_resized_crop:
     if h != w:
       raise UserError(f"augment.random_resized_crop makes square crops, and {ds.name}'s "
                       f"images are {h}x{w}: set --config.dataset.image_size.")
     size = h
-  keep = size is None or (not aug.random_resized_crop and (h, w) == (size, size))
-  shape = (h, w, c) if size is None else (size, size, c)
-  # Centre crops of eval_crop_fraction for images of varying size (ImageNet's 224 of 256);
-  # fixed-size images, and training without random crops, are only resized.
-  eval_fraction = ds.eval_crop_fraction if h is None or w is None else 1.0
-  common = dict(channels=c, area_range=tuple(aug.crop_area_range),
-                aspect_range=tuple(aug.crop_aspect_range))
-  train_t = preprocess.Transform(size=None if keep else size, train=True, crop_fraction=1.0,
-                                 random_resized_crop=aug.random_resized_crop, **common)
-  eval_t = preprocess.Transform(
-      size=None if (size is None or (h, w) == (size, size)) else size, train=False,
-      crop_fraction=eval_fraction, **common)
-  augment.validate(aug, shape)
+  as_stored = size is None or (h, w) == (size, size)
+  common = dict(size=None if as_stored else size, channels=c,
+                area_range=tuple(aug.crop_area_range), aspect_range=tuple(aug.crop_aspect_range))
+  eval_t = preprocess.Transform(train=False, **common,
+                                crop_fraction=ds.eval_crop_fraction if varies else 1.0)
+  if aug.random_resized_crop:
+    common["size"] = size  # Crops are resized even when the images have that size.
+  train_t = preprocess.Transform(train=True, random_resized_crop=aug.random_resized_crop,
+                                 crop_fraction=1.0, **common)
+  return ((h, w, c) if size is None else (size, size, c)), train_t, eval_t
+
+
+def _stream(config: ml_collections.ConfigDict, par: parallel.DataParallel):
+  import tensorflow_datasets as tfds
+
+  from flaxtrain.data import stream
+
+  ds = config.dataset
+  builder = prepare.prepare(ds.name, data_dir=ds.data_dir, manual_dir=ds.manual_dir,
+                            random_access=True)
+  for split in (ds.train_split, ds.eval_split):
+    prepare.check_split(builder, split)
+  shape, train_t, eval_t = transforms(builder.info.features["image"].shape, config)
+  augment.validate(config.augment, shape)
 
   def records(split):
     return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
