@@ -215,7 +215,7 @@ def _cli(data_dir, workdir, *flags, env=None, **popen):
          "--config.model.features=(8, 16)", "--config.model.dense=(32,)",
          "--config.log_every_steps=8", "--config.batch_size=64", "--config.eval_batch_size=100",
          "--config.dataset.image_size=32", "--config.augment.random_resized_crop=true",
-         "--config.augment.crop_area_range=(0.35, 1.0)", *flags]
+         "--config.augment.crop_area_range=(0.5, 1.0)", *flags]
   environ = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
              **(env or {})}
   return subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=subprocess.PIPE,
@@ -228,10 +228,11 @@ def _summary(workdir) -> dict:
 
 @pytest.mark.slow
 def test_cli_learns_variable_size_jpegs_and_resumes_exactly_after_sigkill(data_dir, tmp_path):
-  """End to end: 6 epochs from random-resized crops learn well above chance (10%); a run
-  killed mid-epoch and rerun ends bitwise where the uninterrupted run ends."""
+  """End to end: 6 epochs from random-resized crops learn well above chance (10%; the
+  patterns are coarse, so crops of 50%-100% keep most of a class's pattern); a run killed
+  mid-epoch and rerun ends bitwise where the uninterrupted run ends."""
   flags = ("--config.num_epochs=6", "--config.dataset.workers=2",
-           "--config.checkpoint_every_steps=5")
+           "--config.checkpoint_every_steps=5", "--config.optimizer.learning_rate=5e-3")
   whole = _cli(data_dir, tmp_path / "whole", *flags)
   out = whole.communicate(timeout=600)[0]
   assert whole.returncode == 0, out[-3000:]
