@@ -28,17 +28,7 @@ from flaxtrain import config_lib
 
 
 def get_config():
-  c = config_lib.get_base_config()
-  c.dataset.name = "imagenet2012"
-  c.dataset.eval_split = "validation"
-  c.dataset.source = "stream"
-  c.dataset.image_size = 224
-  c.dataset.eval_crop_fraction = 0.875  # 224 of 256.
-  c.dataset.mean, c.dataset.std = config_lib.IMAGENET_MEAN, config_lib.IMAGENET_STD
-  c.augment.random_resized_crop = True
-  c.augment.crop_area_range = (0.08, 1.0)
-  c.augment.crop_aspect_range = (3 / 4, 4 / 3)
-  c.augment.flip = True
+  c = config_lib.imagenet_input(config_lib.get_base_config(), "imagenet2012", image_size=224)
   c.model = config_lib.resnet_model("resnet50")
   c.compute_dtype = "bfloat16"
   c.num_epochs = 100

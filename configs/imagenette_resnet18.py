@@ -20,16 +20,8 @@ from flaxtrain import config_lib
 
 
 def get_config():
-  c = config_lib.get_base_config()
-  c.dataset.name = "imagenette/160px-v2"
-  c.dataset.eval_split = "validation"
-  c.dataset.source = "stream"
-  c.dataset.image_size = 128
-  c.dataset.eval_crop_fraction = 0.875
-  c.dataset.mean, c.dataset.std = config_lib.IMAGENET_MEAN, config_lib.IMAGENET_STD
-  c.augment.random_resized_crop = True
-  c.augment.crop_area_range = (0.35, 1.0)
-  c.augment.flip = True
+  c = config_lib.imagenet_input(config_lib.get_base_config(), "imagenette/160px-v2",
+                                image_size=128, crop_area_range=(0.35, 1.0))
   c.task.label_smoothing = 0.1
   c.model = config_lib.resnet_model("resnet18")
   c.num_epochs = 40

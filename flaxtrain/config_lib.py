@@ -116,6 +116,23 @@ def get_base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def imagenet_input(c: ml_collections.ConfigDict, name: str, image_size: int,
+                   crop_area_range=(0.08, 1.0)) -> ml_collections.ConfigDict:
+  """ImageNet-style streamed input: random-resized crops and flips for training, 87.5%
+  centre crops for eval, ImageNet mean/std on the device."""
+  c.dataset.name = name
+  c.dataset.eval_split = "validation"
+  c.dataset.source = "stream"
+  c.dataset.image_size = image_size
+  c.dataset.eval_crop_fraction = 0.875  # 224 of 256.
+  c.dataset.mean, c.dataset.std = IMAGENET_MEAN, IMAGENET_STD
+  c.augment.random_resized_crop = True
+  c.augment.crop_area_range = crop_area_range
+  c.augment.crop_aspect_range = (3 / 4, 4 / 3)
+  c.augment.flip = True
+  return c
+
+
 def adamw_warmup_cosine(c: ml_collections.ConfigDict, learning_rate: float,
                         weight_decay: float, warmup_epochs: float) -> ml_collections.ConfigDict:
   """The recipe of the CNN configs: AdamW, linear warmup, cosine decay to 0."""
