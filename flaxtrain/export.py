@@ -107,12 +107,25 @@ def _output_doc(exp) -> str:
   return f"float32 class probabilities [batch, {exp.spec.num_classes}]"
 
 
+def _input_doc(exp) -> str:
+  """How images must be prepared before the model: what the eval pipeline did to them."""
+  transform = getattr(exp.data, "eval_transform", None)  # Streamed sources resize.
+  if transform is None or transform.size is None:
+    return "as the dataset stores them"
+  size, fraction = transform.size, transform.crop_fraction
+  if fraction == 1.0:
+    return f"resized to {size}x{size} as in eval (RGB)"
+  return (f"prepared as in eval: the shorter side resized to {size / fraction:.0f} px, then "
+          f"the central {size}x{size} (RGB)")
+
+
 def readme(exp, step: int, has_tf: bool) -> str:
   shape = ", ".join(str(d) for d in exp.spec.image_shape)
   text = f"""\
   # {exp.spec.name} / {exp.config.model.name}, step {step}
 
-  Input: uint8 images `[batch, {shape}]` (any batch size). Output: {_output_doc(exp)}.
+  Input: uint8 images `[batch, {shape}]` (any batch size), {_input_doc(exp)}; the
+  normalisation is inside the model. Output: {_output_doc(exp)}.
   Class names, in output order, are in `metadata.json`.
 
   ## inference.jax: StableHLO, no model code needed

@@ -98,6 +98,11 @@ class StreamSource:
     self.input_wait_s = 0.0  # Time the loop spent blocked waiting for train batches.
     self.error = None  # Multi-process: this process's input failure, until all agree.
 
+  @property
+  def eval_transform(self):
+    """What the host does to each eval image (export documents it for callers)."""
+    return self._eval_fn.transform
+
   # ----------------------------------------------------------------- pipelines
 
   def _iterate(self, dataset: grain.MapDataset, workers: int | None = None):
