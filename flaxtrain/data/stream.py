@@ -145,6 +145,12 @@ class StreamSource:
       inputs[key] = self._global(host, rows, (chunk, batch, *first.shape[1:]))
     return Batches(inputs=inputs, specs={k: parallel.STEPS_BATCH for k in inputs})
 
+  def _blank(self, rows: int, eval_: bool = False) -> dict:
+    """Zero images and labels (and, for eval, zero mask): what a failed process feeds."""
+    out = {"image": np.zeros((rows, *self.shape), np.uint8),
+           "label": np.zeros((rows,), np.int32)}
+    return {**out, "mask": np.zeros((rows,), np.float32)} if eval_ else out
+
   def _failed(self, error: UserError, blank: dict) -> dict:
     """Alone, fail now. With other processes, fail at the next point they all check
     (`raise_if_failed`), feeding blanks until then: raising alone would leave the others
@@ -159,8 +165,6 @@ class StreamSource:
   # ----------------------------------------------------------------- the interface
 
   def train_batches(self, start_step: int, num_steps: int, chunk: int) -> Batches:
-    blank = {"image": np.zeros((len(self._train_rows), *self.shape), np.uint8),
-             "label": np.zeros((len(self._train_rows),), np.int32)}
     if self.error is None and self._next_step != start_step:  # New run, resume or jump.
       self.close()
       dataset = grain.MapDataset.range(start_step, _ENDLESS).map(self._train_fn)
@@ -169,10 +173,11 @@ class StreamSource:
     steps = []
     for _ in range(num_steps):
       try:
-        steps.append(blank if self.error else self._next(self._train_it, "train"))
+        steps.append(self._blank(len(self._train_rows)) if self.error
+                     else self._next(self._train_it, "train"))
       except UserError as e:
         self._train_it = None
-        steps.append(self._failed(e, blank))
+        steps.append(self._failed(e, self._blank(len(self._train_rows))))
     self.input_wait_s += time.perf_counter() - t
     if self._next_step is not None:
       self._next_step += num_steps
@@ -180,17 +185,15 @@ class StreamSource:
 
   def eval_batches(self):
     """One masked eval batch per chunk, built by the workers as they go."""
-    n = len(self._eval_rows)
-    blank = {"image": np.zeros((n, *self.shape), np.uint8), "label": np.zeros((n,), np.int32),
-             "mask": np.zeros((n,), np.float32)}
     it = self._iterate(grain.MapDataset.range(self.plan.eval_steps).map(self._eval_fn),
                        workers=min(self.workers, self.plan.eval_steps))
     try:
       for _ in range(self.plan.eval_steps):
         try:
-          step = blank if self.error else self._next(it, "eval")
+          step = (self._blank(len(self._eval_rows), eval_=True) if self.error
+                  else self._next(it, "eval"))
         except UserError as e:
-          step = self._failed(e, blank)
+          step = self._failed(e, self._blank(len(self._eval_rows), eval_=True))
         yield self._batches([step], 1, self.plan.eval_batch_size, self._eval_rows)
     finally:
       _close(it)
