@@ -257,9 +257,11 @@ def test_cli_learns_variable_size_jpegs_and_resumes_exactly_after_sigkill(data_d
 
 @pytest.mark.slow
 def test_sigterm_to_the_process_group_stops_cleanly_with_workers(data_dir, tmp_path):
-  """The workers ignore stop signals: the trainer finishes its step, saves and exits 0."""
+  """The workers ignore stop signals: the trainer finishes its step, saves and exits 0.
+  Known gap (docs/input.md): workers still starting, e.g. each eval's, can be killed."""
   run = _cli(data_dir, tmp_path / "w", "--config.num_epochs=200", "--config.dataset.workers=2",
-             "--config.checkpoint_every_steps=4", start_new_session=True)
+             "--config.checkpoint_every_steps=4", "--config.eval_every_steps=100000",
+             start_new_session=True)  # No eval: each eval starts new workers (see below).
   ckpt = tmp_path / "w" / "checkpoints"
   deadline = time.time() + 300
   while time.time() < deadline and not (ckpt.exists() and any(
