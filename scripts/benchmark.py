@@ -997,6 +997,15 @@ def parse_args(argv):
   return args, rest
 
 
+def print_report(report: dict, json_out: str | None) -> None:
+  """Prints the JSON report, and writes it to `json_out` too when given."""
+  text = json.dumps(report, indent=2, default=str)
+  if json_out:
+    with open(json_out, "w") as f:
+      f.write(text + "\n")
+  print(text, flush=True)
+
+
 def main(argv):
   if "--input" in argv:  # Input pipeline only: its own flags (scripts/input_benchmark.py).
     return _input_benchmark().main([a for a in argv if a != "--input"])
@@ -1109,11 +1118,7 @@ def main(argv):
   report["targets"] = targets_report(results, full)
   report["machine"]["loadavg_end"] = os.getloadavg()
   report["benchmark_wall_s"] = time.time() - started
-  text = json.dumps(report, indent=2, default=str)
-  if args.json_out:
-    with open(args.json_out, "w") as f:
-      f.write(text + "\n")
-  print(text, flush=True)
+  print_report(report, args.json_out)
   failed = any("error" in e["flaxtrain"] for e in results.values())
   return 1 if failed else 0
 

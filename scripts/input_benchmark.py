@@ -600,11 +600,7 @@ def main(argv) -> int:
   report["tf_data"] = tf_data
   report["machine"]["loadavg_end"] = os.getloadavg()
   report["benchmark_wall_s"] = time.time() - started
-  text = json.dumps(report, indent=2, default=str)
-  if args.json_out:
-    with open(args.json_out, "w") as f:
-      f.write(text + "\n")
-  print(text, flush=True)
+  bench.print_report(report, args.json_out)
   return 0 if best is not None and "error" not in tf_data and ok else 1
 
 
