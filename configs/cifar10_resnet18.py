@@ -23,5 +23,4 @@ def get_config():
   c.augment.crop_padding = 4
   c.augment.flip = True
   c.task.label_smoothing = 0.1
-  return config_lib.sgd_warmup_cosine(c, learning_rate=0.4, weight_decay=5e-4,
-                                      warmup_epochs=2.0)
+  return config_lib.sgd_warmup_cosine(c, learning_rate=0.4, weight_decay=5e-4, warmup_epochs=2.0)

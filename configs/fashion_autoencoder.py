@@ -22,9 +22,9 @@ def get_config():
   c.dataset.name = "fashion_mnist"
   c.task.name = "reconstruction"
   c.task.loss = "bce"
-  c.model = config_lib.autoencoder_model(encoder=(512, 256), latent=32, decoder=(256, 512),
-                                         activity_l1=1e-4)
+  c.model = config_lib.autoencoder_model(
+    encoder=(512, 256), latent=32, decoder=(256, 512), activity_l1=1e-4
+  )
   c.num_epochs = 20
   c.batch_size = 256
-  return config_lib.adamw_warmup_cosine(c, learning_rate=2e-3, weight_decay=1e-4,
-                                        warmup_epochs=0.5)
+  return config_lib.adamw_warmup_cosine(c, learning_rate=2e-3, weight_decay=1e-4, warmup_epochs=0.5)

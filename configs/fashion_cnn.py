@@ -24,5 +24,4 @@ def get_config():
   c.model = config_lib.cnn_model(features=(32, 64), dense=(256,))
   c.num_epochs = 10
   c.batch_size = 128
-  return config_lib.adamw_warmup_cosine(c, learning_rate=2e-3, weight_decay=1e-4,
-                                        warmup_epochs=0.5)
+  return config_lib.adamw_warmup_cosine(c, learning_rate=2e-3, weight_decay=1e-4, warmup_epochs=0.5)

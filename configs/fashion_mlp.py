@@ -1,6 +1,6 @@
 """The book review's MLP (flatten -> Dense 128 -> relu -> Dense 10) on Fashion-MNIST.
 
-    flaxtrain --config=configs/fashion_mlp.py --workdir=runs/fashion_mlp
+flaxtrain --config=configs/fashion_mlp.py --workdir=runs/fashion_mlp
 """
 
 from flaxtrain import config_lib

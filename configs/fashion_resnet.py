@@ -21,13 +21,13 @@ from flaxtrain import config_lib
 def get_config():
   c = config_lib.get_base_config()
   c.dataset.name = "fashion_mnist"
-  c.model = config_lib.resnet_model("resnet_small", stage_sizes=(2, 2, 2), width=32,
-                                    stem="small", stage_strides=(2, 2, 2))
+  c.model = config_lib.resnet_model(
+    "resnet_small", stage_sizes=(2, 2, 2), width=32, stem="small", stage_strides=(2, 2, 2)
+  )
   c.num_epochs = 40
   c.batch_size = 128
   c.augment.crop_padding = 2
   c.augment.flip = True
   c.augment.erase_prob = 0.5
   c.task.label_smoothing = 0.1
-  return config_lib.sgd_warmup_cosine(c, learning_rate=0.1, weight_decay=5e-4,
-                                      warmup_epochs=1.0)
+  return config_lib.sgd_warmup_cosine(c, learning_rate=0.1, weight_decay=5e-4, warmup_epochs=1.0)

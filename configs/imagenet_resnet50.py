@@ -35,6 +35,7 @@ def get_config():
   c.batch_size = 1024
   c.eval_batch_size = 1024
   c.log_every_steps = 100
-  c = config_lib.sgd_warmup_cosine(c, learning_rate=0.1 * c.batch_size / 256,
-                                   weight_decay=1e-4, warmup_epochs=5.0)
+  c = config_lib.sgd_warmup_cosine(
+    c, learning_rate=0.1 * c.batch_size / 256, weight_decay=1e-4, warmup_epochs=5.0
+  )
   return c

@@ -20,12 +20,12 @@ from flaxtrain import config_lib
 
 
 def get_config():
-  c = config_lib.imagenet_input(config_lib.get_base_config(), "imagenette/160px-v2",
-                                image_size=128, crop_area_range=(0.35, 1.0))
+  c = config_lib.imagenet_input(
+    config_lib.get_base_config(), "imagenette/160px-v2", image_size=128, crop_area_range=(0.35, 1.0)
+  )
   c.task.label_smoothing = 0.1
   c.model = config_lib.resnet_model("resnet18")
   c.num_epochs = 40
   c.batch_size = 128
   c.eval_batch_size = 500
-  return config_lib.sgd_warmup_cosine(c, learning_rate=0.2, weight_decay=5e-5,
-                                      warmup_epochs=2.0)
+  return config_lib.sgd_warmup_cosine(c, learning_rate=0.2, weight_decay=5e-5, warmup_epochs=2.0)

@@ -46,8 +46,10 @@ _CHECKSUMS_KEY = "flaxtrain_checksums"
 
 _SPACE_ERRNOS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}
 # Status codes of tensorstore/absl errors: storage trouble rather than a bug.
-_STORAGE_STATUS = re.compile(r"^(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE|DATA_LOSS|"
-                             r"DEADLINE_EXCEEDED|ABORTED|NOT_FOUND):")
+_STORAGE_STATUS = re.compile(
+  r"^(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE|DATA_LOSS|"
+  r"DEADLINE_EXCEEDED|ABORTED|NOT_FOUND):"
+)
 
 
 def _score_fn(name: str, mode: str):
@@ -72,31 +74,49 @@ class _Manager(ocp.CheckpointManager):
     try:
       return super()._get_metrics(step)
     except Exception as e:  # noqa: BLE001 - e.g. a truncated JSON file.
-      logging.warning("Ignoring the unreadable metrics of the checkpoint at step %d in %s "
-                      "(%s).", step, self.directory, _short(e))
+      logging.warning(
+        "Ignoring the unreadable metrics of the checkpoint at step %d in %s (%s).",
+        step,
+        self.directory,
+        _short(e),
+      )
       return None
 
 
 class Checkpointer:
   """Keeps the newest `keep` checkpoints plus the best by `best_metric`; async saves."""
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
-               best_metric: str = BEST_METRIC, best_mode: str = "max"):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    keep: int = 3,
+    async_save: bool = True,
+    best_metric: str = BEST_METRIC,
+    best_mode: str = "max",
+  ):
     self.directory = _abspath(directory)
     _best_metric = _score_fn(best_metric, best_mode)
-    policy = checkpoint_managers.AnyPreservationPolicy([
+    policy = checkpoint_managers.AnyPreservationPolicy(
+      [
         checkpoint_managers.LatestN(n=keep),
-        checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1,
-                                  keep_checkpoints_without_metrics=False),
-    ])
+        checkpoint_managers.BestN(
+          get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False
+        ),
+      ]
+    )
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, enable_async_checkpointing=async_save, create=True,
-        # With a best_fn Orbax writes each step's metrics to disk (`<step>/metrics`), so
-        # that the best checkpoint is still known, and kept, after a restart.
-        best_fn=_best_metric, best_mode="max",
-        # Temporary directories of saves that never finished (a kill mid-save) are not
-        # checkpoints: Orbax never lists them, and this removes them.
-        cleanup_tmp_directories=True)
+      preservation_policy=policy,
+      enable_async_checkpointing=async_save,
+      create=True,
+      # With a best_fn Orbax writes each step's metrics to disk (`<step>/metrics`), so
+      # that the best checkpoint is still known, and kept, after a restart.
+      best_fn=_best_metric,
+      best_mode="max",
+      # Temporary directories of saves that never finished (a kill mid-save) are not
+      # checkpoints: Orbax never lists them, and this removes them.
+      cleanup_tmp_directories=True,
+    )
     self.manager = _Manager(self.directory, options=options)
     _StorageTracebacks.install()
     self._pending_step = None  # The step whose async save may still fail.
@@ -128,8 +148,9 @@ class Checkpointer:
     tree = flax.serialization.to_state_dict(state)
     try:
       custom = {_CHECKSUMS_KEY: checksums(tree)}
-      saved = self.manager.save(step, args=ocp.args.StandardSave(tree), metrics=metrics,
-                                force=force, custom_metadata=custom)
+      saved = self.manager.save(
+        step, args=ocp.args.StandardSave(tree), metrics=metrics, force=force, custom_metadata=custom
+      )
     except Exception as e:  # noqa: BLE001 - converted when it is a storage problem.
       self._raise_save_error(step, e)
     if saved:
@@ -162,15 +183,19 @@ class Checkpointer:
       last = self.manager.latest_step()
     except Exception:  # noqa: BLE001 - the message below still holds without it.
       last = None
-    kept = (f"the last complete checkpoint (step {last}) is kept" if last is not None
-            else "no complete checkpoint was written before it")
+    kept = (
+      f"the last complete checkpoint (step {last}) is kept"
+      if last is not None
+      else "no complete checkpoint was written before it"
+    )
     at = f" at step {step}" if step is not None else ""
     if reason in _SPACE_ERRNOS.values():
       advice = "free space or use another --workdir"
     else:
       advice = "check the storage or use another --workdir"
     self._failure = UserError(
-        f"{reason} while saving the checkpoint{at} in {self.directory}; {kept}: {advice}.")
+      f"{reason} while saving the checkpoint{at} in {self.directory}; {kept}: {advice}."
+    )
     self._pending_step = None
     raise self._failure from exc
 
@@ -183,8 +208,7 @@ class Checkpointer:
         if TMP_MARKER in p.name:
           p.rmtree(missing_ok=True)
     except Exception as e:  # noqa: BLE001 - best effort only.
-      logging.warning("Could not remove unfinished checkpoint files in %s: %s",
-                      self.directory, e)
+      logging.warning("Could not remove unfinished checkpoint files in %s: %s", self.directory, e)
 
   # -------------------------------------------------------------- restoring
 
@@ -214,17 +238,24 @@ class Checkpointer:
 
   def _restore_newest(self, steps: list[int], target):
     tree = flax.serialization.to_state_dict(target)
-    restored, step, failed = _read_newest(self.manager, self.directory, steps, tree,
-                                          where=self.directory)
+    restored, step, failed = _read_newest(
+      self.manager, self.directory, steps, tree, where=self.directory
+    )
     if restored is None:
       raise UserError(
-          f"None of the checkpoints in {self.directory} can be read (steps "
-          f"{', '.join(str(s) for s, _ in failed)}; step {failed[0][0]}: {failed[0][1]}): use "
-          "a new --workdir, or move that directory away to start this run again.")
+        f"None of the checkpoints in {self.directory} can be read (steps "
+        f"{', '.join(str(s) for s, _ in failed)}; step {failed[0][0]}: {failed[0][1]}): use "
+        "a new --workdir, or move that directory away to start this run again."
+      )
     if failed:
       moved = self._move_aside([s for s, _ in failed])
-      logging.warning("Restored the checkpoint at step %d instead of step %d; the unreadable "
-                      "checkpoint(s) were moved to %s.", step, failed[0][0], ", ".join(moved))
+      logging.warning(
+        "Restored the checkpoint at step %d instead of step %d; the unreadable "
+        "checkpoint(s) were moved to %s.",
+        step,
+        failed[0][0],
+        ", ".join(moved),
+      )
     return flax.serialization.from_state_dict(target, restored), step
 
   def _move_aside(self, steps: list[int]) -> list[str]:
@@ -244,6 +275,7 @@ class Checkpointer:
         src.rmtree(missing_ok=True)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices("flaxtrain_unreadable_moved")
     self.manager.reload()
     return names
@@ -263,8 +295,10 @@ def load_params(path: str, target_params):
   """
   root = epath.Path(_abspath(path))
   if not root.exists():
-    raise UserError(f"init_from {path} does not exist: pass a flaxtrain workdir or one of "
-                    "its checkpoints/<step> directories.")
+    raise UserError(
+      f"init_from {path} does not exist: pass a flaxtrain workdir or one of "
+      "its checkpoints/<step> directories."
+    )
   if (root / STEP_METADATA_FILE).exists() or (root / ITEM_NAME).exists():
     directory, only_step = root.parent, _step_of(root, path)
   else:
@@ -274,27 +308,39 @@ def load_params(path: str, target_params):
   try:
     steps = [only_step] if only_step is not None else manager.all_steps()
     if not steps:
-      raise UserError(f"init_from {path} holds no complete checkpoint: pass a flaxtrain "
-                      "workdir or one of its checkpoints/<step> directories.")
+      raise UserError(
+        f"init_from {path} holds no complete checkpoint: pass a flaxtrain "
+        "workdir or one of its checkpoints/<step> directories."
+      )
     tree = {"params": flax.serialization.to_state_dict(target_params)}
     restored, step, failed = _read_newest(
-        manager, str(directory), steps, tree, where=path, partial=True,
-        advice="pass a checkpoint of the same model in init_from")
+      manager,
+      str(directory),
+      steps,
+      tree,
+      where=path,
+      partial=True,
+      advice="pass a checkpoint of the same model in init_from",
+    )
   finally:
     manager.close()
   if restored is None:
-    raise UserError(f"The checkpoint at step {failed[0][0]} in {directory} cannot be read "
-                    f"({failed[0][1]})" + (f", nor can {len(failed) - 1} older one(s)"
-                                           if len(failed) > 1 else "")
-                    + ": pass another checkpoint in init_from.")
+    raise UserError(
+      f"The checkpoint at step {failed[0][0]} in {directory} cannot be read "
+      f"({failed[0][1]})"
+      + (f", nor can {len(failed) - 1} older one(s)" if len(failed) > 1 else "")
+      + ": pass another checkpoint in init_from."
+    )
   logging.info("Initialized the params from the checkpoint at step %d in %s.", step, directory)
   return flax.serialization.from_state_dict(target_params, restored["params"])
 
 
 def _step_of(step_dir: epath.Path, path: str) -> int:
   if not step_dir.name.isdigit():
-    raise UserError(f"init_from {path} is not a checkpoints/<step> directory: pass a "
-                    "flaxtrain workdir or one of its checkpoints/<step> directories.")
+    raise UserError(
+      f"init_from {path} is not a checkpoints/<step> directory: pass a "
+      "flaxtrain workdir or one of its checkpoints/<step> directories."
+    )
   return int(step_dir.name)
 
 
@@ -337,14 +383,21 @@ def _read_only_manager(directory: str, **options) -> ocp.CheckpointManager:
   absl_logger = logging_std.getLogger("absl")
   absl_logger.addFilter(note_filter)
   try:
-    return _Manager(directory, options=ocp.CheckpointManagerOptions(
-        read_only=True, create=False, **options))
+    return _Manager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False, **options)
+    )
   finally:
     absl_logger.removeFilter(note_filter)
 
 
-def read(directory: str, target, step: int | str | None = None, *,
-         best_metric: str = BEST_METRIC, best_mode: str = "max"):
+def read(
+  directory: str,
+  target,
+  step: int | str | None = None,
+  *,
+  best_metric: str = BEST_METRIC,
+  best_mode: str = "max",
+):
   """Restores `step` (an int, None/'latest' or 'best') of `directory` into `target`.
 
   Read-only, for looking at a run (eval, report, export) that may still be training:
@@ -353,44 +406,53 @@ def read(directory: str, target, step: int | str | None = None, *,
   """
   directory = _abspath(directory)
   if not epath.Path(directory).is_dir():
-    raise UserError(f"There are no checkpoints in {directory}: train the run first "
-                    "(--mode=train), or pass the --workdir of a trained run.")
-  manager = _read_only_manager(directory, best_fn=_score_fn(best_metric, best_mode),
-                               best_mode="max")
+    raise UserError(
+      f"There are no checkpoints in {directory}: train the run first "
+      "(--mode=train), or pass the --workdir of a trained run."
+    )
+  manager = _read_only_manager(
+    directory, best_fn=_score_fn(best_metric, best_mode), best_mode="max"
+  )
   try:
     steps = sorted(manager.all_steps())
     if not steps:
-      raise UserError(f"There are no checkpoints in {directory}: train the run first "
-                      "(--mode=train), or pass the --workdir of a trained run.")
+      raise UserError(
+        f"There are no checkpoints in {directory}: train the run first "
+        "(--mode=train), or pass the --workdir of a trained run."
+      )
     if step in (None, "latest"):
       candidates = steps
     elif step == "best":
       best = manager.best_step()
       if best is None:
-        raise UserError(f"No checkpoint in {directory} has eval metrics to pick the best "
-                        "by: pass --step=latest or a step number.")
+        raise UserError(
+          f"No checkpoint in {directory} has eval metrics to pick the best "
+          "by: pass --step=latest or a step number."
+        )
       candidates = [best]
     elif isinstance(step, int) and step in steps:
       candidates = [step]
     else:
-      raise UserError(f"There is no checkpoint at step {step} in {directory}: pass --step as "
-                      f"'latest', 'best' or one of {', '.join(map(str, steps))}.")
+      raise UserError(
+        f"There is no checkpoint at step {step} in {directory}: pass --step as "
+        f"'latest', 'best' or one of {', '.join(map(str, steps))}."
+      )
     tree = flax.serialization.to_state_dict(target)
-    restored, got, failed = _read_newest(manager, directory, candidates, tree,
-                                         where=directory)
+    restored, got, failed = _read_newest(manager, directory, candidates, tree, where=directory)
   finally:
     manager.close()
   if restored is None:
-    raise UserError(f"The checkpoint at step {failed[0][0]} in {directory} cannot be read "
-                    f"({failed[0][1]}): pass another --step.")
+    raise UserError(
+      f"The checkpoint at step {failed[0][0]} in {directory} cannot be read "
+      f"({failed[0][1]}): pass another --step."
+    )
   return flax.serialization.from_state_dict(target, restored), got
 
 
 # ------------------------------------------------------------------- reading
 
 
-def _read_newest(manager, directory: str, steps, tree, *, where: str, partial=False,
-                 advice=None):
+def _read_newest(manager, directory: str, steps, tree, *, where: str, partial=False, advice=None):
   """Reads the newest readable of `steps`: (restored, step, [(unreadable step, why)]).
 
   `restored` is None if none can be read. A structure mismatch raises a UserError.
@@ -398,8 +460,9 @@ def _read_newest(manager, directory: str, steps, tree, *, where: str, partial=Fa
   failed = []
   for step in sorted(steps, reverse=True):
     try:
-      restored = _read_step(manager, directory, step, tree, where=where, partial=partial,
-                            advice=advice)
+      restored = _read_step(
+        manager, directory, step, tree, where=where, partial=partial, advice=advice
+      )
       error = None
     except _Unreadable as e:
       restored, error = None, str(e)
@@ -407,15 +470,17 @@ def _read_newest(manager, directory: str, steps, tree, *, where: str, partial=Fa
       restored, error = None, error or "another process could not read it"
     if error is None:
       return restored, step, failed
-    logging.warning("The checkpoint at step %d in %s cannot be read (%s); trying the previous "
-                    "one.", step, directory, error)
+    logging.warning(
+      "The checkpoint at step %d in %s cannot be read (%s); trying the previous one.",
+      step,
+      directory,
+      error,
+    )
     failed.append((step, error))
   return None, None, failed
 
 
-
-def _read_step(manager, directory: str, step: int, tree, *, where: str, partial=False,
-               advice=None):
+def _read_step(manager, directory: str, step: int, tree, *, where: str, partial=False, advice=None):
   """Reads `step` shaped like `tree`; _Unreadable if it cannot, UserError on mismatch."""
   step_dir = epath.Path(directory) / str(step)
   recorded = _recorded_checksums(step_dir)
@@ -438,9 +503,14 @@ def _read_step(manager, directory: str, step: int, tree, *, where: str, partial=
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
   try:
     if partial:
-      restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-          item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-          partial_restore=True))
+      restored = manager.restore(
+        step,
+        args=ocp.args.PyTreeRestore(
+          item=abstract,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+          partial_restore=True,
+        ),
+      )
     else:
       restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as e:  # noqa: BLE001 - any tensorstore/Orbax read error.
@@ -449,8 +519,10 @@ def _read_step(manager, directory: str, step: int, tree, *, where: str, partial=
     actual = checksums(restored)
     bad = [k for k, v in actual.items() if k in recorded and recorded[k] != v]
     if bad:
-      raise _Unreadable(f"entry {bad[0]} does not match its checksum"
-                        + (f" (nor do {len(bad) - 1} more)" if len(bad) > 1 else ""))
+      raise _Unreadable(
+        f"entry {bad[0]} does not match its checksum"
+        + (f" (nor do {len(bad) - 1} more)" if len(bad) > 1 else "")
+      )
   return restored
 
 
@@ -505,8 +577,12 @@ def checksums(tree) -> dict[str, int]:
     dtype = getattr(leaf, "dtype", None)
     if dtype is None or not hasattr(leaf, "shape"):
       continue
-    if (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or dtype == jnp.bfloat16
-        or getattr(dtype, "kind", "") in "biuf" and dtype.itemsize in (1, 2, 4, 8)):
+    if (
+      jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+      or dtype == jnp.bfloat16
+      or getattr(dtype, "kind", "") in "biuf"
+      and dtype.itemsize in (1, 2, 4, 8)
+    ):
       keys.append(_path_str(path))
       leaves.append(leaf)
   if not leaves:
@@ -540,8 +616,12 @@ def _describe(tree) -> dict[str, tuple]:
 
 
 # Where a difference is reported first, and what it most likely means.
-_GROUPS = (("params", "the model"), ("model_state", "the model"),
-           ("opt_state", "the optimizer"), ("step", "the train state"))
+_GROUPS = (
+  ("params", "the model"),
+  ("model_state", "the model"),
+  ("opt_state", "the optimizer"),
+  ("step", "the train state"),
+)
 
 
 def _group(key: str) -> int:
@@ -576,13 +656,16 @@ def _check_described(saved_d: dict, target_d: dict, *, where: str, advice: str |
   more = ""
   if len(differ) > 1:
     nxt = differ[1]
-    more = (f" ({len(differ) - 1} more differ, e.g. {nxt}: {shape(saved_d, nxt)} vs "
-            f"{shape(target_d, nxt)})")
+    more = (
+      f" ({len(differ) - 1} more differ, e.g. {nxt}: {shape(saved_d, nxt)} vs "
+      f"{shape(target_d, nxt)})"
+    )
   advice = advice or "use a new --workdir or the config that wrote it"
   raise UserError(
-      f"The checkpoint in {where} does not match what this config builds ({group} differs): "
-      f"entry {key} is {shape(saved_d, key)} in the checkpoint but {shape(target_d, key)} "
-      f"in the config{more}; {advice}.")
+    f"The checkpoint in {where} does not match what this config builds ({group} differs): "
+    f"entry {key} is {shape(saved_d, key)} in the checkpoint but {shape(target_d, key)} "
+    f"in the config{more}; {advice}."
+  )
 
 
 # -------------------------------------------------------------------- helpers
@@ -602,10 +685,12 @@ def storage_error(exc: BaseException) -> str | None:
     for code, reason in _SPACE_ERRNOS.items():
       if reason in text or f"os_error_code='{code}'" in text:
         return reason
-    if generic is None and (isinstance(e, (OSError, TimeoutError))
-                            or _STORAGE_STATUS.match(text)):
-      generic = (f"{os.strerror(e.errno)}" if isinstance(e, OSError) and e.errno
-                 else f"Storage error ({_short(e)})")
+    if generic is None and (isinstance(e, (OSError, TimeoutError)) or _STORAGE_STATUS.match(text)):
+      generic = (
+        f"{os.strerror(e.errno)}"
+        if isinstance(e, OSError) and e.errno
+        else f"Storage error ({_short(e)})"
+      )
     todo.extend([e.__cause__, e.__context__, *getattr(e, "exceptions", ())])
   return generic
 
@@ -614,7 +699,7 @@ def _short(e: BaseException, limit: int = 240) -> str:
   text = " ".join(str(e).split())
   text = text.split(" [tensorstore_spec=")[0].split(" See full TensorStore details")[0]
   if len(text) > limit:
-    text = text[:limit - 3] + "..."
+    text = text[: limit - 3] + "..."
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
@@ -627,5 +712,6 @@ def _all_processes_agree(ok: bool) -> bool:
   if jax.process_count() == 1:
     return ok
   from jax.experimental import multihost_utils
+
   flags = multihost_utils.process_allgather(np.array(ok, np.int32))
   return bool(np.all(flags))

@@ -116,8 +116,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def imagenet_input(c: ml_collections.ConfigDict, name: str, image_size: int,
-                   crop_area_range=(0.08, 1.0)) -> ml_collections.ConfigDict:
+def imagenet_input(
+  c: ml_collections.ConfigDict, name: str, image_size: int, crop_area_range=(0.08, 1.0)
+) -> ml_collections.ConfigDict:
   """ImageNet-style streamed input: random-resized crops and flips for training, 87.5%
   centre crops for eval, ImageNet mean/std on the device."""
   c.dataset.name = name
@@ -133,8 +134,9 @@ def imagenet_input(c: ml_collections.ConfigDict, name: str, image_size: int,
   return c
 
 
-def adamw_warmup_cosine(c: ml_collections.ConfigDict, learning_rate: float,
-                        weight_decay: float, warmup_epochs: float) -> ml_collections.ConfigDict:
+def adamw_warmup_cosine(
+  c: ml_collections.ConfigDict, learning_rate: float, weight_decay: float, warmup_epochs: float
+) -> ml_collections.ConfigDict:
   """The recipe of the CNN configs: AdamW, linear warmup, cosine decay to 0."""
   c.optimizer.name = "adamw"
   c.optimizer.learning_rate = learning_rate
@@ -144,8 +146,9 @@ def adamw_warmup_cosine(c: ml_collections.ConfigDict, learning_rate: float,
   return c
 
 
-def sgd_warmup_cosine(c: ml_collections.ConfigDict, learning_rate: float,
-                      weight_decay: float, warmup_epochs: float) -> ml_collections.ConfigDict:
+def sgd_warmup_cosine(
+  c: ml_collections.ConfigDict, learning_rate: float, weight_decay: float, warmup_epochs: float
+) -> ml_collections.ConfigDict:
   """The recipe of the ResNet configs: SGD, Nesterov momentum 0.9, warmup, cosine to 0."""
   c.optimizer.name = "sgd"
   c.optimizer.learning_rate = learning_rate
@@ -157,34 +160,54 @@ def sgd_warmup_cosine(c: ml_collections.ConfigDict, learning_rate: float,
   return c
 
 
-def cnn_model(features=(32, 64), dense=(256,), dropout=0.0,
-              conv="auto") -> ml_collections.ConfigDict:
+def cnn_model(
+  features=(32, 64), dense=(256,), dropout=0.0, conv="auto"
+) -> ml_collections.ConfigDict:
   """conv: 'auto' (im2col + matmul on CPU, XLA's convolutions elsewhere), 'xla', 'im2col'."""
-  return ml_collections.ConfigDict(dict(name="cnn", features=features, dense=dense,
-                                        dropout=dropout, conv=conv))
+  return ml_collections.ConfigDict(
+    dict(name="cnn", features=features, dense=dense, dropout=dropout, conv=conv)
+  )
 
 
 def mlp_model(hidden=(128,)) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(name="mlp", hidden=hidden))
 
 
-def resnet_model(name="resnet18", stage_sizes=(2, 2, 2, 2), width=64, dropout=0.0,
-                 stem="imagenet", stage_strides=()) -> ml_collections.ConfigDict:
+def resnet_model(
+  name="resnet18",
+  stage_sizes=(2, 2, 2, 2),
+  width=64,
+  dropout=0.0,
+  stem="imagenet",
+  stage_strides=(),
+) -> ml_collections.ConfigDict:
   """resnet18/34/50 (stages fixed by the name) or resnet_small (3x3 stem, stages given).
 
   stage_strides: stride of each stage's first block; () for (1, 2, 2, ...).
   """
-  return ml_collections.ConfigDict(dict(name=name, stage_sizes=stage_sizes, width=width,
-                                        dropout=dropout, stem=stem,
-                                        stage_strides=stage_strides))
+  return ml_collections.ConfigDict(
+    dict(
+      name=name,
+      stage_sizes=stage_sizes,
+      width=width,
+      dropout=dropout,
+      stem=stem,
+      stage_strides=stage_strides,
+    )
+  )
 
 
 def wide_resnet_model(depth=28, widen=10, dropout=0.0) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(name="wide_resnet", depth=depth, widen=widen,
-                                        dropout=dropout))
+  return ml_collections.ConfigDict(
+    dict(name="wide_resnet", depth=depth, widen=widen, dropout=dropout)
+  )
 
 
-def autoencoder_model(encoder=(256, 128), latent=32, decoder=(128, 256),
-                      activity_l1=0.0) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(name="autoencoder", encoder=encoder, latent=latent,
-                                        decoder=decoder, activity_l1=activity_l1))
+def autoencoder_model(
+  encoder=(256, 128), latent=32, decoder=(128, 256), activity_l1=0.0
+) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+    dict(
+      name="autoencoder", encoder=encoder, latent=latent, decoder=decoder, activity_l1=activity_l1
+    )
+  )

@@ -17,21 +17,30 @@ from absl import logging
 from flaxtrain.data import prepare
 from flaxtrain.errors import UserError
 
-USAGE = ("python -m flaxtrain.datasets NAME [DATA_DIR] [--manual_dir=DIR] "
-         "[--format=auto|both|array_record|tfrecord]")
+USAGE = (
+  "python -m flaxtrain.datasets NAME [DATA_DIR] [--manual_dir=DIR] "
+  "[--format=auto|both|array_record|tfrecord]"
+)
 FORMATS = ("auto", "both", "array_record", "tfrecord")
 
 
 def main(argv) -> int:
-  parser = argparse.ArgumentParser(prog="python -m flaxtrain.datasets", usage=USAGE,
-                                   description=__doc__.split("\n\n", 1)[1])
+  parser = argparse.ArgumentParser(
+    prog="python -m flaxtrain.datasets", usage=USAGE, description=__doc__.split("\n\n", 1)[1]
+  )
   parser.add_argument("name", metavar="NAME", help="a TFDS name, e.g. fashion_mnist")
-  parser.add_argument("data_dir", metavar="DATA_DIR", nargs="?",
-                      help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
-  parser.add_argument("--manual_dir", metavar="DIR",
-                      help="dir holding the original files, e.g. ImageNet's tars")
-  parser.add_argument("--format", choices=FORMATS, default="auto",
-                      help="file formats to leave (default: auto)")
+  parser.add_argument(
+    "data_dir",
+    metavar="DATA_DIR",
+    nargs="?",
+    help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)",
+  )
+  parser.add_argument(
+    "--manual_dir", metavar="DIR", help="dir holding the original files, e.g. ImageNet's tars"
+  )
+  parser.add_argument(
+    "--format", choices=FORMATS, default="auto", help="file formats to leave (default: auto)"
+  )
   try:
     args = parser.parse_args(argv[1:])
   except SystemExit as e:  # Bad usage (argparse printed why) or --help.
@@ -40,8 +49,12 @@ def main(argv) -> int:
     if args.format == "auto":
       shape = prepare.describe(args.name, data_dir=args.data_dir).info.features["image"].shape
       args.format = "array_record" if None in shape[:2] else "both"
-    builder = prepare.prepare(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir,
-                              random_access=args.format == "array_record")
+    builder = prepare.prepare(
+      args.name,
+      data_dir=args.data_dir,
+      manual_dir=args.manual_dir,
+      random_access=args.format == "array_record",
+    )
     if args.format in ("both", "tfrecord"):
       builder = prepare.add_format(builder, "tfrecord")  # Only if prepared for streaming.
     if args.format == "both":

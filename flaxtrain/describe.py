@@ -19,13 +19,18 @@ TIMED_STEPS = 10
 def describe(exp, defaults, config_path: str, timed_steps: int = TIMED_STEPS) -> str:
   """The report as text: config changes, data, devices, parameters, FLOPs and time."""
   variables = exp.eval_variables(exp.init_state())
-  return "\n".join([
-      config_changes(defaults, exp.config, config_path), "",
-      data_and_devices(exp), "",
-      parameter_table(variables), "",
+  return "\n".join(
+    [
+      config_changes(defaults, exp.config, config_path),
+      "",
+      data_and_devices(exp),
+      "",
+      parameter_table(variables),
+      "",
       flops_line(exp, variables),
       time_line(exp, timed_steps),
-  ])
+    ]
+  )
 
 
 def config_changes(defaults, config, config_path: str) -> str:
@@ -35,8 +40,7 @@ def config_changes(defaults, config, config_path: str) -> str:
     return f"Config {config_path}: its defaults, no overrides."
   width = max(len(k) for k in changed)
   lines = [f"Config {config_path}: {len(changed)} value(s) differ from its defaults"]
-  lines += [f"  {k:<{width}}  {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}"
-            for k in changed]
+  lines += [f"  {k:<{width}}  {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in changed]
   return "\n".join(lines)
 
 
@@ -50,19 +54,23 @@ def data_and_devices(exp) -> str:
   batch = exp.config.batch_size
   shape = "x".join(str(d) for d in spec.image_shape)
   epochs = plan.total_steps / plan.steps_per_epoch
-  return "\n".join([
+  return "\n".join(
+    [
       f"Dataset {spec.name}: {spec.num_train:,} train / {spec.num_eval:,} eval examples of "
       f"{shape}, {spec.num_classes} classes; task {exp.task.name}.",
       f"Devices: {par.describe()}.",
       f"Batch {batch:,} = {batch // par.num_devices:,} per device; "
       f"{plan.steps_per_epoch:,} steps per epoch; {plan.total_steps:,} steps "
       f"({epochs:g} epochs); eval batch {exp.data.plan.eval_batch_size:,}.",
-  ])
+    ]
+  )
 
 
 def parameter_table(variables: dict) -> str:
-  lines = ["Parameters:", parameter_overview.get_parameter_overview(
-      variables["params"], include_stats=False)]
+  lines = [
+    "Parameters:",
+    parameter_overview.get_parameter_overview(variables["params"], include_stats=False),
+  ]
   for name, tree in variables.items():
     if name != "params":
       count = sum(np.size(x) for x in jax.tree.leaves(tree))
@@ -73,8 +81,9 @@ def parameter_table(variables: dict) -> str:
 def forward_flops(exp, variables) -> float | None:
   """FLOPs of the model on one eval example, from XLA's cost analysis."""
   x = jnp.zeros((1, *exp.spec.image_shape), jnp.uint8)
-  fn = jax.jit(lambda v, x: exp.model.apply(v, train.preprocess(x, exp.dtype, exp.norm),
-                                            train=False))
+  fn = jax.jit(
+    lambda v, x: exp.model.apply(v, train.preprocess(x, exp.dtype, exp.norm), train=False)
+  )
   return _flops(fn.lower(variables, x).compile().cost_analysis())
 
 
@@ -89,18 +98,22 @@ def flops_line(exp, variables) -> str:
   forward = forward_flops(exp, variables)
   step = exp.train_step_flops()
   per_example = step / exp.config.batch_size if step else None
-  return (f"FLOPs per example (XLA cost analysis): {_si(forward)} forward, "
-          f"{_si(per_example)} per train step.")
+  return (
+    f"FLOPs per example (XLA cost analysis): {_si(forward)} forward, "
+    f"{_si(per_example)} per train step."
+  )
 
 
 def time_line(exp, timed_steps: int) -> str:
   step_s = exp.time_train_steps(timed_steps)
   plan = exp.plan
-  return (f"Time: {step_s * 1e3:.1f} ms per train step, {exp.config.batch_size / step_s:,.0f} "
-          f"examples/s ({timed_steps} steps timed after compilation)\n"
-          f"  -> {_duration(step_s * plan.steps_per_epoch)} per epoch, "
-          f"{_duration(step_s * plan.total_steps)} for {plan.total_steps:,} steps "
-          "(train steps only: eval and checkpoints come on top).")
+  return (
+    f"Time: {step_s * 1e3:.1f} ms per train step, {exp.config.batch_size / step_s:,.0f} "
+    f"examples/s ({timed_steps} steps timed after compilation)\n"
+    f"  -> {_duration(step_s * plan.steps_per_epoch)} per epoch, "
+    f"{_duration(step_s * plan.total_steps)} for {plan.total_steps:,} steps "
+    "(train steps only: eval and checkpoints come on top)."
+  )
 
 
 def _si(value: float | None) -> str:

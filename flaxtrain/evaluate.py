@@ -21,15 +21,21 @@ def check_run(workdir: str, step: int | str):
   """Raises a UserError unless `workdir` holds checkpoints (and `step`, if a number)."""
   path = epath.Path(workdir)
   if not path.is_dir():
-    raise UserError(f"--workdir {workdir} does not exist: pass the --workdir of a run, or "
-                    "train one there first with --mode=train.")
+    raise UserError(
+      f"--workdir {workdir} does not exist: pass the --workdir of a run, or "
+      "train one there first with --mode=train."
+    )
   steps = checkpoint_steps(workdir)
   if not steps:
-    raise UserError(f"--workdir {workdir} has no checkpoints: pass the --workdir of a run, "
-                    "or train there first with --mode=train.")
+    raise UserError(
+      f"--workdir {workdir} has no checkpoints: pass the --workdir of a run, "
+      "or train there first with --mode=train."
+    )
   if isinstance(step, int) and step not in steps:
-    raise UserError(f"--workdir {workdir} has no checkpoint at step {step}: pass --step="
-                    f"latest, best or one of {', '.join(str(s) for s in steps)}.")
+    raise UserError(
+      f"--workdir {workdir} has no checkpoint at step {step}: pass --step="
+      f"latest, best or one of {', '.join(str(s) for s in steps)}."
+    )
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -44,8 +50,9 @@ def restore(exp, workdir: str, step: int | str):
   """(state, step) of the requested checkpoint, after warning about a differing config."""
   _warn_if_config_differs(exp.config, workdir)
   state, restored_step = exp.restore(workdir, step)
-  logging.info("Restored the checkpoint at step %d (--step=%s) from %s.", restored_step, step,
-               workdir)
+  logging.info(
+    "Restored the checkpoint at step %d (--step=%s) from %s.", restored_step, step, workdir
+  )
   return state, restored_step
 
 
@@ -59,13 +66,18 @@ def _warn_if_config_differs(config, workdir: str):
     return  # A damaged config.json is only a record; the checkpoint is what counts.
   # Through JSON both ways, so that tuples compare equal to the lists they were saved as.
   current = workdirs.flat_config(json.loads(config.to_json_best_effort()))
-  differ = sorted(k for k in set(saved) | set(current)
-                  if k.startswith(_MEANINGFUL) and saved.get(k) != current.get(k))
+  differ = sorted(
+    k
+    for k in set(saved) | set(current)
+    if k.startswith(_MEANINGFUL) and saved.get(k) != current.get(k)
+  )
   if differ:
-    logging.warning("The config differs from the one that trained %s in %s: results are "
-                    "for this config's data and model.", workdir,
-                    ", ".join(f"{k} ({saved.get(k)!r} there, {current.get(k)!r} here)"
-                              for k in differ))
+    logging.warning(
+      "The config differs from the one that trained %s in %s: results are "
+      "for this config's data and model.",
+      workdir,
+      ", ".join(f"{k} ({saved.get(k)!r} there, {current.get(k)!r} here)" for k in differ),
+    )
 
 
 def run(exp, workdir: str, step: int | str = "latest") -> tuple[int, dict]:
@@ -83,11 +95,15 @@ def run(exp, workdir: str, step: int | str = "latest") -> tuple[int, dict]:
 
 def metrics_text(metrics: dict) -> str:
   """'eval accuracy 0.9283, eval loss 0.2058': the eval metrics of `metrics`, loss last."""
-  keys = sorted((k for k in metrics if k.startswith("eval_") and k != "eval_examples"),
-                key=lambda k: k == "eval_loss")
+  keys = sorted(
+    (k for k in metrics if k.startswith("eval_") and k != "eval_examples"),
+    key=lambda k: k == "eval_loss",
+  )
   return ", ".join(f"{k.replace('_', ' ')} {metrics[k]:.4f}" for k in keys)
 
 
 def summary_line(step: int, metrics: dict, workdir: str) -> str:
-  return (f"flaxtrain: step {step}: {metrics_text(metrics)} on {metrics['eval_examples']} "
-          f"examples; written to {epath.Path(workdir) / f'eval_{step}.json'}")
+  return (
+    f"flaxtrain: step {step}: {metrics_text(metrics)} on {metrics['eval_examples']} "
+    f"examples; written to {epath.Path(workdir) / f'eval_{step}.json'}"
+  )

@@ -50,11 +50,14 @@ def save_tf(exp, variables, directory: epath.Path) -> bool:
   module = tf.Module()
   # Variables rather than constants: no 2 GiB GraphDef limit for big models.
   module.variables_ = tf.nest.map_structure(tf.Variable, variables)
-  converted = jax2tf.convert(lambda v, x: _outputs(exp, v, x), polymorphic_shapes=[
-      None, "(b, ...)"], with_gradient=False)
+  converted = jax2tf.convert(
+    lambda v, x: _outputs(exp, v, x), polymorphic_shapes=[None, "(b, ...)"], with_gradient=False
+  )
   module.serve = tf.function(
-      lambda images: converted(module.variables_, images), autograph=False,
-      input_signature=[tf.TensorSpec((None, *exp.spec.image_shape), tf.uint8, "images")])
+    lambda images: converted(module.variables_, images),
+    autograph=False,
+    input_signature=[tf.TensorSpec((None, *exp.spec.image_shape), tf.uint8, "images")],
+  )
   tf.saved_model.save(module, str(directory), signatures={"serving_default": module.serve})
   # A TensorFlow older than this jax cannot run what jax2tf wrote (its StableHLO is too
   # new): check by running it, and keep no SavedModel that does not work.
@@ -65,9 +68,12 @@ def save_tf(exp, variables, directory: epath.Path) -> bool:
     np.testing.assert_allclose(got, np.asarray(_outputs(exp, variables, probe)), atol=1e-4)
   except Exception as e:  # noqa: BLE001 - any TF load/run error means: not usable here.
     directory.rmtree(missing_ok=True)
-    logging.warning("No TF SavedModel: TensorFlow %s cannot run what jax2tf wrote (%s); "
-                    "inference.jax holds the same function.", tf.__version__,
-                    " ".join(str(e).split())[:200])
+    logging.warning(
+      "No TF SavedModel: TensorFlow %s cannot run what jax2tf wrote (%s); "
+      "inference.jax holds the same function.",
+      tf.__version__,
+      " ".join(str(e).split())[:200],
+    )
     return False
   return True
 
@@ -93,11 +99,15 @@ def run(exp, workdir: str, step: int | str = "latest") -> epath.Path:
 
 def metadata(exp, step: int) -> dict:
   return {
-      "step": step, "config": json.loads(exp.config.to_json_best_effort()),
-      "dataset": exp.spec.name, "task": exp.task.name, "kind": exp.task.kind,
-      "input": {"shape": ["batch", *exp.spec.image_shape], "dtype": "uint8"},
-      "output": _output_doc(exp), "class_names": list(exp.spec.class_names),
-      "platforms": list(PLATFORMS),
+    "step": step,
+    "config": json.loads(exp.config.to_json_best_effort()),
+    "dataset": exp.spec.name,
+    "task": exp.task.name,
+    "kind": exp.task.kind,
+    "input": {"shape": ["batch", *exp.spec.image_shape], "dtype": "uint8"},
+    "output": _output_doc(exp),
+    "class_names": list(exp.spec.class_names),
+    "platforms": list(PLATFORMS),
   }
 
 
@@ -115,8 +125,10 @@ def _input_doc(exp) -> str:
   size, fraction = transform.size, transform.crop_fraction
   if fraction == 1.0:
     return f"resized to {size}x{size} as in eval (RGB)"
-  return (f"prepared as in eval: the shorter side resized to {size / fraction:.0f} px, then "
-          f"the central {size}x{size} (RGB)")
+  return (
+    f"prepared as in eval: the shorter side resized to {size / fraction:.0f} px, then "
+    f"the central {size}x{size} (RGB)"
+  )
 
 
 def readme(exp, step: int, has_tf: bool) -> str:
@@ -147,13 +159,17 @@ def readme(exp, step: int, has_tf: bool) -> str:
   ```
   """
   if has_tf:
-    text += """
+    text += (
+      """
   ## saved_model/: TF SavedModel (jax2tf)
 
   ```python
   import tensorflow as tf
   serve = tf.saved_model.load("saved_model").signatures["serving_default"]
-  outputs = serve(images=tf.zeros((8, """ + shape + """), tf.uint8))["output_0"]
+  outputs = serve(images=tf.zeros((8, """
+      + shape
+      + """), tf.uint8))["output_0"]
   ```
   """
+    )
   return textwrap.dedent(text)

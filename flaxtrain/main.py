@@ -23,32 +23,52 @@ def _default_config() -> str:
   return str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "fashion_cnn.py")
 
 
-
 def _define_config_flag():
   # config_flags reads sys.argv's overrides when the flag is defined, so this runs only
   # after `config_check` has vetted them (its errors are sentences, not tracebacks).
   config_flags.DEFINE_config_file(
-      "config", _default_config(), "Config file (a .py with get_config()); override any "
-      "field with --config.a.b=value.", lock_config=True)
+    "config",
+    _default_config(),
+    "Config file (a .py with get_config()); override any field with --config.a.b=value.",
+    lock_config=True,
+  )
+
 
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config file stem>).")
-flags.DEFINE_enum("mode", "train", ["train", "describe", "eval", "report", "export"],
-                  "train: train (or resume) in --workdir; describe: print what the config "
-                  "would train and how fast, writing nothing; eval: evaluate a checkpoint "
-                  "into <workdir>/eval_<step>.json; report: pictures and report.md under "
-                  "<workdir>/report/; export: <workdir>/export/ for serving.")
-flags.DEFINE_string("step", "latest", "The checkpoint that eval, report and export use: "
-                    "'latest', 'best' (by the task's eval metric) or a step number.")
+flags.DEFINE_enum(
+  "mode",
+  "train",
+  ["train", "describe", "eval", "report", "export"],
+  "train: train (or resume) in --workdir; describe: print what the config "
+  "would train and how fast, writing nothing; eval: evaluate a checkpoint "
+  "into <workdir>/eval_<step>.json; report: pictures and report.md under "
+  "<workdir>/report/; export: <workdir>/export/ for serving.",
+)
+flags.DEFINE_string(
+  "step",
+  "latest",
+  "The checkpoint that eval, report and export use: "
+  "'latest', 'best' (by the task's eval metric) or a step number.",
+)
 flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
-flags.DEFINE_string("coordinator_address", os.environ.get("FLAXTRAIN_COORDINATOR_ADDRESS"),
-                    "HOST:PORT of process 0, for multi-process runs "
-                    "(env FLAXTRAIN_COORDINATOR_ADDRESS).")
-flags.DEFINE_integer("num_processes", int(os.environ.get("FLAXTRAIN_NUM_PROCESSES", 0)) or None,
-                     "Number of processes (env FLAXTRAIN_NUM_PROCESSES).")
-flags.DEFINE_integer("process_id", int(os.environ.get("FLAXTRAIN_PROCESS_ID", -1)),
-                     "This process's id, 0..num_processes-1 (env FLAXTRAIN_PROCESS_ID).")
-flags.DEFINE_integer("initialization_timeout", 300,
-                     "Seconds to wait for all processes to join before failing.")
+flags.DEFINE_string(
+  "coordinator_address",
+  os.environ.get("FLAXTRAIN_COORDINATOR_ADDRESS"),
+  "HOST:PORT of process 0, for multi-process runs (env FLAXTRAIN_COORDINATOR_ADDRESS).",
+)
+flags.DEFINE_integer(
+  "num_processes",
+  int(os.environ.get("FLAXTRAIN_NUM_PROCESSES", 0)) or None,
+  "Number of processes (env FLAXTRAIN_NUM_PROCESSES).",
+)
+flags.DEFINE_integer(
+  "process_id",
+  int(os.environ.get("FLAXTRAIN_PROCESS_ID", -1)),
+  "This process's id, 0..num_processes-1 (env FLAXTRAIN_PROCESS_ID).",
+)
+flags.DEFINE_integer(
+  "initialization_timeout", 300, "Seconds to wait for all processes to join before failing."
+)
 
 FLAGS = flags.FLAGS
 
@@ -108,10 +128,14 @@ def _cpu_devices_default(batch_size: int):
   if "xla_force_host_platform_device_count" in flags_env:
     return
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  fits = [d for d in range(1, max(cores or 1, 1) + 1)
-          if batch_size % d == 0 and (d == 1 or batch_size // d >= 64)]
+  fits = [
+    d
+    for d in range(1, max(cores or 1, 1) + 1)
+    if batch_size % d == 0 and (d == 1 or batch_size // d >= 64)
+  ]
   os.environ["XLA_FLAGS"] = (
-      f"{flags_env} --xla_force_host_platform_device_count={max(fits)}".strip())
+    f"{flags_env} --xla_force_host_platform_device_count={max(fits)}".strip()
+  )
 
 
 def _checkpoint_step(text: str) -> int | str:
@@ -119,15 +143,17 @@ def _checkpoint_step(text: str) -> int | str:
     return text
   if text.isdigit():
     return int(text)
-  raise UserError(f"--step={text} is not a checkpoint: pass --step=latest, --step=best or a "
-                  "step number.")
+  raise UserError(
+    f"--step={text} is not a checkpoint: pass --step=latest, --step=best or a step number."
+  )
 
 
 def _run():
   step = _checkpoint_step(FLAGS.step)
   if FLAGS["step"].present and FLAGS.mode not in _READ_RUN:
-    raise UserError(f"--step is for --mode=eval, report and export, not --mode={FLAGS.mode}: "
-                    "drop it.")
+    raise UserError(
+      f"--step is for --mode=eval, report and export, not --mode={FLAGS.mode}: drop it."
+    )
   workdir = FLAGS.workdir or os.path.join("runs", pathlib.Path(_config_path()).stem)
   if FLAGS.mode in _READ_RUN:  # Fail before JAX starts or any data is loaded.
     from flaxtrain import evaluate, report
@@ -138,8 +164,10 @@ def _run():
   if isinstance(FLAGS.config.batch_size, int) and FLAGS.config.batch_size > 0:
     _cpu_devices_default(FLAGS.config.batch_size)
   from flaxtrain import distributed  # Imports jax: after flags, so errors stay short.
-  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                         FLAGS.initialization_timeout)
+
+  distributed.initialize(
+    FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.initialization_timeout
+  )
   if FLAGS.mode == "train":
     _train(FLAGS.config, workdir)
     return
@@ -193,9 +221,11 @@ def _summary_line(s: dict, workdir: str) -> str:
   speed = f"{speed:,.0f} train examples/s" if speed else "no steps trained"
   if s.get("input_wait_share") is not None:  # Streamed input: did the hosts keep up?
     speed += f" ({s['input_wait_share']:.1%} of it waiting for input)"
-  return (f"flaxtrain: step {s['step']}: {evaluate.metrics_text(s)} on {s['eval_examples']} "
-          f"examples; {speed}; "
-          f"{s['wall_s']:.1f} s wall; summary in {os.path.join(workdir, 'summary.json')}")
+  return (
+    f"flaxtrain: step {s['step']}: {evaluate.metrics_text(s)} on {s['eval_examples']} "
+    f"examples; {speed}; "
+    f"{s['wall_s']:.1f} s wall; summary in {os.path.join(workdir, 'summary.json')}"
+  )
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -203,8 +233,7 @@ class _QuietLibraries(logging_std.Filter):
 
   def filter(self, record):
     noisy = ("/orbax/", "/tensorflow_datasets/", "/tensorflow/")
-    return record.levelno >= logging_std.WARNING or not any(
-        n in record.pathname for n in noisy)
+    return record.levelno >= logging_std.WARNING or not any(n in record.pathname for n in noisy)
 
 
 def run():
@@ -213,8 +242,7 @@ def run():
   if "--verbose" not in sys.argv and "--verbose=true" not in sys.argv:
     logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
-    config_check.check_overrides(config_check.load_config_file(_config_arg(sys.argv)),
-                                 sys.argv)
+    config_check.check_overrides(config_check.load_config_file(_config_arg(sys.argv)), sys.argv)
   except UserError as e:
     _fail(str(e))
   _define_config_flag()

@@ -32,16 +32,18 @@ class Sum(metrics.Metric):
 def train_metrics(task_metrics) -> type[metrics.Collection]:
   """Train collection: loss, auxiliary loss, learning rate, skipped steps, task metrics."""
   return metrics.Collection.create(
-      loss=metrics.Average.from_output("loss"),
-      aux_loss=metrics.Average.from_output("aux_loss"),
-      learning_rate=metrics.LastValue.from_output("learning_rate"),
-      nonfinite_steps=Sum.from_output("nonfinite"),
-      **{name: metrics.Average.from_output(name) for name in task_metrics})
+    loss=metrics.Average.from_output("loss"),
+    aux_loss=metrics.Average.from_output("aux_loss"),
+    learning_rate=metrics.LastValue.from_output("learning_rate"),
+    nonfinite_steps=Sum.from_output("nonfinite"),
+    **{name: metrics.Average.from_output(name) for name in task_metrics},
+  )
 
 
 def eval_metrics(task_metrics) -> type[metrics.Collection]:
   """Eval collection: loss and task metrics over the unmasked rows, and their count."""
   return metrics.Collection.create(
-      loss=metrics.Average.from_output("loss"),
-      examples=Sum.from_output("mask"),
-      **{name: metrics.Average.from_output(name) for name in task_metrics})
+    loss=metrics.Average.from_output("loss"),
+    examples=Sum.from_output("mask"),
+    **{name: metrics.Average.from_output(name) for name in task_metrics},
+  )

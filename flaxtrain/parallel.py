@@ -60,17 +60,21 @@ class DataParallel:
     """`fn` is per-device code; returns it jitted over the mesh."""
     # check_vma=False keeps pmap's semantics: values made equal by a collective (pmean,
     # all_gather) may be returned replicated, and loop carries need no varying casts.
-    mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
-                           check_vma=False)
+    mapped = jax.shard_map(
+      fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+    )
     return jax.jit(mapped, donate_argnums=donate_argnums)
 
   def describe(self) -> str:
     kinds = sorted({d.device_kind for d in self.devices})
-    return (f"{self.num_processes} process(es) x {len(self.local_devices)} local device(s) "
-            f"= {self.num_devices} {'/'.join(kinds)} device(s)")
+    return (
+      f"{self.num_processes} process(es) x {len(self.local_devices)} local device(s) "
+      f"= {self.num_devices} {'/'.join(kinds)} device(s)"
+    )
 
 
 # Per-device helpers, valid inside functions passed to `DataParallel.compile`.
+
 
 def mean(tree):
   return jax.lax.pmean(tree, AXIS)

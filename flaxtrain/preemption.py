@@ -24,9 +24,11 @@ class Stopper:
     if self._requested.is_set() and signum == signal.SIGINT:
       raise KeyboardInterrupt  # A second Ctrl-C aborts at once.
     self._requested.set()
-    logging.warning("Received %s: finishing the current steps, then saving a checkpoint "
-                    "(press Ctrl-C again to abort without saving).",
-                    signal.Signals(signum).name)
+    logging.warning(
+      "Received %s: finishing the current steps, then saving a checkpoint "
+      "(press Ctrl-C again to abort without saving).",
+      signal.Signals(signum).name,
+    )
 
   def should_stop(self, step: int) -> bool:
     local = self._requested.is_set()

@@ -18,9 +18,17 @@ _CLEAR = "\r\x1b[K"  # Back to the line start, then erase to its end.
 class Progress:
   """`update(step, metrics)` after every train chunk redraws `step/total epoch loss ... ETA`."""
 
-  def __init__(self, *, total_steps: int | None = None, steps_per_epoch: int | None = None,
-               batch_size: int | None = None, process_index: int = 0, stream=None,
-               min_interval_s: float = 0.1, clock=time.monotonic):
+  def __init__(
+    self,
+    *,
+    total_steps: int | None = None,
+    steps_per_epoch: int | None = None,
+    batch_size: int | None = None,
+    process_index: int = 0,
+    stream=None,
+    min_interval_s: float = 0.1,
+    clock=time.monotonic,
+  ):
     self.stream = stream or sys.stderr
     self.enabled = process_index == 0 and _interactive(self.stream)
     self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
@@ -62,8 +70,7 @@ class Progress:
       parts[0] = f"{_bar(step / self.total_steps)} {parts[0]}"
     if self.steps_per_epoch:
       parts.append(f"epoch {step / self.steps_per_epoch:.2f}")
-    for key, label, fmt in (("train_loss", "loss", "{:.4f}"),
-                            ("train_accuracy", "acc", "{:.4f}")):
+    for key, label, fmt in (("train_loss", "loss", "{:.4f}"), ("train_accuracy", "acc", "{:.4f}")):
       if key in self._metrics:
         parts.append(f"{label} {fmt.format(self._metrics[key])}")
     if self._rate and self.batch_size:

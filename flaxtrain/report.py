@@ -30,8 +30,10 @@ def event_files(workdir: str) -> list[epath.Path]:
   """The run's TensorBoard event files; a UserError if it has none."""
   files = sorted(epath.Path(workdir).glob("events.out.tfevents.*"))
   if not files:
-    raise UserError(f"--workdir {workdir} has no TensorBoard event files to draw curves "
-                    "from: pass the --workdir of a run trained by flaxtrain.")
+    raise UserError(
+      f"--workdir {workdir} has no TensorBoard event files to draw curves "
+      "from: pass the --workdir of a run trained by flaxtrain."
+    )
   return files
 
 
@@ -58,8 +60,10 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   latest = {}
   for _, name, step, number in sorted(records, key=lambda r: r[0]):
     latest.setdefault(name, {})[step] = number
-  return {name: (np.array(sorted(by_step)), np.array([by_step[s] for s in sorted(by_step)]))
-          for name, by_step in latest.items()}
+  return {
+    name: (np.array(sorted(by_step)), np.array([by_step[s] for s in sorted(by_step)]))
+    for name, by_step in latest.items()
+  }
 
 
 # ---------------------------------------------------------------- pictures
@@ -90,15 +94,21 @@ def predictions_png(images, labels, probs, class_names) -> bytes:
     _show(ax, images[i])
     wrong = predicted[i] != labels[i]
     color = WRONG if wrong else RIGHT
-    ax.set_title(f"{class_names[predicted[i]]} ({probs[i, predicted[i]]:.0%})\n"
-                 f"true: {class_names[labels[i]]}", color=color, fontsize=10,
-                 fontweight="bold" if wrong else "normal")
+    ax.set_title(
+      f"{class_names[predicted[i]]} ({probs[i, predicted[i]]:.0%})\ntrue: {class_names[labels[i]]}",
+      color=color,
+      fontsize=10,
+      fontweight="bold" if wrong else "normal",
+    )
     for spine in ax.spines.values():
       spine.set_color(color if wrong else "#bbbbbb")
       spine.set_linewidth(3 if wrong else 0.5)
   correct = int((predicted[:n] == labels[:n]).sum())
-  fig.suptitle(f"First {n} eval images: predicted (confidence) and true class; "
-               f"{correct}/{n} right, wrong in red", fontsize=12)
+  fig.suptitle(
+    f"First {n} eval images: predicted (confidence) and true class; "
+    f"{correct}/{n} right, wrong in red",
+    fontsize=12,
+  )
   fig.tight_layout()
   return _png(fig)
 
@@ -125,13 +135,21 @@ def confusion_png(counts: np.ndarray, class_names) -> bytes:
     for t in range(k):
       for p in range(k):
         if counts[t, p]:
-          ax.text(p, t, f"{counts[t, p]:,}", ha="center", va="center", fontsize=8,
-                  color="white" if counts[t, p] > dark else "black")
+          ax.text(
+            p,
+            t,
+            f"{counts[t, p]:,}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if counts[t, p] > dark else "black",
+          )
   ax.set_xlabel("predicted")
   ax.set_ylabel("true")
   total = counts.sum()
-  ax.set_title(f"Confusion matrix: {total:,} eval examples, accuracy "
-               f"{np.trace(counts) / total:.2%}")
+  ax.set_title(
+    f"Confusion matrix: {total:,} eval examples, accuracy {np.trace(counts) / total:.2%}"
+  )
   fig.tight_layout()
   return _png(fig)
 
@@ -144,8 +162,10 @@ def curves_png(scalars: dict, steps_per_epoch: int) -> bytes:
   fig = Figure(figsize=(6 * len(panels), 4.2))
   for i, (metric, label) in enumerate(panels):
     ax = fig.add_subplot(1, len(panels), i + 1)
-    for split, style in (("train", dict(lw=1, alpha=0.8)),
-                         ("eval", dict(lw=1.8, marker="o", ms=4))):
+    for split, style in (
+      ("train", dict(lw=1, alpha=0.8)),
+      ("eval", dict(lw=1.8, marker="o", ms=4)),
+    ):
       if f"{split}_{metric}" in scalars:
         steps, values = scalars[f"{split}_{metric}"]
         ax.plot(steps, values, label=split, **style)
@@ -153,8 +173,9 @@ def curves_png(scalars: dict, steps_per_epoch: int) -> bytes:
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     ax.legend()
-    top = ax.secondary_xaxis("top", functions=(lambda s: s / steps_per_epoch,
-                                               lambda e: e * steps_per_epoch))
+    top = ax.secondary_xaxis(
+      "top", functions=(lambda s: s / steps_per_epoch, lambda e: e * steps_per_epoch)
+    )
     top.set_xlabel("epoch")
     if metric == "loss" and _spans_decades(scalars, metric):
       ax.set_yscale("log")
@@ -190,16 +211,28 @@ def reconstructions_png(images, outputs) -> bytes:
 # ------------------------------------------------------------------ report
 
 
-def markdown(exp, step: int, requested, metrics: dict, pictures: list[str],
-             per_class: list[tuple[str, float, int]] | None) -> str:
+def markdown(
+  exp,
+  step: int,
+  requested,
+  metrics: dict,
+  pictures: list[str],
+  per_class: list[tuple[str, float, int]] | None,
+) -> str:
   c = exp.config
-  lines = [f"# {exp.spec.name} / {c.model.name}: checkpoint at step {step:,}", "",
-           f"`--step={requested}`; {exp.task.name} task; {exp.spec.num_eval:,} eval examples "
-           f"({c.dataset.eval_split}); {exp.plan.total_steps:,} steps planned "
-           f"({exp.plan.steps_per_epoch:,} per epoch).", "",
-           "| metric | value |", "| --- | ---: |"]
-  lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v:,} |"
-            for k, v in metrics.items()]
+  lines = [
+    f"# {exp.spec.name} / {c.model.name}: checkpoint at step {step:,}",
+    "",
+    f"`--step={requested}`; {exp.task.name} task; {exp.spec.num_eval:,} eval examples "
+    f"({c.dataset.eval_split}); {exp.plan.total_steps:,} steps planned "
+    f"({exp.plan.steps_per_epoch:,} per epoch).",
+    "",
+    "| metric | value |",
+    "| --- | ---: |",
+  ]
+  lines += [
+    f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v:,} |" for k, v in metrics.items()
+  ]
   for name in pictures:
     lines += ["", f"![{name}]({name}.png)"]
   if per_class:
@@ -223,19 +256,20 @@ def run(exp, workdir: str, step: int | str = "latest") -> epath.Path:
   per_class = None
   if classification:
     names = exp.spec.class_names
-    pictures["predictions"] = predictions_png(pred["image"], pred["label"], pred["output"],
-                                              names)
+    pictures["predictions"] = predictions_png(pred["image"], pred["label"], pred["output"], names)
     counts = confusion(pred["label"], pred["output"].argmax(-1), exp.spec.num_classes)
     pictures["confusion_matrix"] = confusion_png(counts, names)
     totals = counts.sum(1)
-    per_class = [(names[i], counts[i, i] / max(totals[i], 1), int(totals[i]))
-                 for i in range(len(names))]
+    per_class = [
+      (names[i], counts[i, i] / max(totals[i], 1), int(totals[i])) for i in range(len(names))
+    ]
   else:
     pictures["reconstructions"] = reconstructions_png(pred["image"], pred["output"])
   pictures["curves"] = curves_png(scalars, exp.plan.steps_per_epoch)
   with workdirs.staged_dir(final) as out:
     for name, png in pictures.items():
       (out / f"{name}.png").write_bytes(png)
-    (out / "report.md").write_text(markdown(exp, restored_step, step, metrics, list(pictures),
-                                            per_class))
+    (out / "report.md").write_text(
+      markdown(exp, restored_step, step, metrics, list(pictures), per_class)
+    )
   return final

@@ -46,14 +46,19 @@ def classification(cfg, num_classes: int) -> Task:
     metrics = {"accuracy": (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)}
     if top5:
       _, best5 = jax.lax.top_k(logits, 5)
-      metrics["top5_accuracy"] = jnp.any(best5 == batch["label"][:, None], -1).astype(
-          jnp.float32)
+      metrics["top5_accuracy"] = jnp.any(best5 == batch["label"][:, None], -1).astype(jnp.float32)
     return per_example, metrics
 
   names = ("accuracy", "top5_accuracy") if top5 else ("accuracy",)
-  return Task("classification", "classification", loss,
-              lambda outputs: jax.nn.softmax(outputs.astype(jnp.float32), -1), names,
-              best_metric="eval_accuracy", best_mode="max")
+  return Task(
+    "classification",
+    "classification",
+    loss,
+    lambda outputs: jax.nn.softmax(outputs.astype(jnp.float32), -1),
+    names,
+    best_metric="eval_accuracy",
+    best_mode="max",
+  )
 
 
 def reconstruction(cfg, num_classes: int) -> Task:
@@ -78,9 +83,15 @@ def reconstruction(cfg, num_classes: int) -> Task:
       per_example = mse
     return per_example, {"mse": mse}
 
-  return Task("reconstruction", "reconstruction", loss,
-              lambda outputs: jax.nn.sigmoid(outputs.astype(jnp.float32)), ("mse",),
-              best_metric="eval_loss", best_mode="min")
+  return Task(
+    "reconstruction",
+    "reconstruction",
+    loss,
+    lambda outputs: jax.nn.sigmoid(outputs.astype(jnp.float32)),
+    ("mse",),
+    best_metric="eval_loss",
+    best_mode="min",
+  )
 
 
 TASKS = {"classification": classification, "reconstruction": reconstruction}

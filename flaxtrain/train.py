@@ -76,13 +76,15 @@ class Plan:
 
 def validate(config: ml_collections.ConfigDict, par: parallel.DataParallel):
   """Checks everything that can be checked before touching data or the workdir."""
+
   def positive(key, value, kind=int):
     if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
-      raise UserError(f"{key} must be a positive {kind.__name__}, got {value!r}: "
-                      f"set --config.{key}.")
+      raise UserError(
+        f"{key} must be a positive {kind.__name__}, got {value!r}: set --config.{key}."
+      )
+
   if not isinstance(config.seed, int) or isinstance(config.seed, bool) or config.seed < 0:
-    raise UserError(f"seed must be a non-negative integer, got {config.seed!r}: set "
-                    "--config.seed.")
+    raise UserError(f"seed must be a non-negative integer, got {config.seed!r}: set --config.seed.")
   positive("batch_size", config.batch_size)
   positive("eval_batch_size", config.eval_batch_size)
   positive("num_epochs", config.num_epochs)
@@ -95,37 +97,45 @@ def validate(config: ml_collections.ConfigDict, par: parallel.DataParallel):
     raise UserError("steps_per_dispatch must be >= 0 (0 picks a default).")
   if config.batch_size % par.num_devices:
     raise UserError(
-        f"batch_size {config.batch_size} does not divide by the {par.num_devices} devices "
-        f"({par.describe()}): set --config.batch_size to a multiple of {par.num_devices}.")
+      f"batch_size {config.batch_size} does not divide by the {par.num_devices} devices "
+      f"({par.describe()}): set --config.batch_size to a multiple of {par.num_devices}."
+    )
   if config.nonfinite not in ("error", "skip"):
     raise UserError(f"nonfinite must be 'error' or 'skip', got {config.nonfinite!r}.")
   positive("grad_accum_steps", config.grad_accum_steps)
   per_device = config.batch_size // par.num_devices
   if per_device % config.grad_accum_steps:
     raise UserError(
-        f"grad_accum_steps {config.grad_accum_steps} does not divide the per-device batch "
-        f"{per_device} (batch_size {config.batch_size} over {par.num_devices} devices): set "
-        "--config.grad_accum_steps to a divisor of it.")
+      f"grad_accum_steps {config.grad_accum_steps} does not divide the per-device batch "
+      f"{per_device} (batch_size {config.batch_size} over {par.num_devices} devices): set "
+      "--config.grad_accum_steps to a divisor of it."
+    )
   shards = config.topology_invariant_shards
   if shards:
-    if (not isinstance(shards, int) or shards < 0 or shards & (shards - 1)
-        or shards % par.num_devices):
+    if (
+      not isinstance(shards, int) or shards < 0 or shards & (shards - 1) or shards % par.num_devices
+    ):
       raise UserError(
-          f"topology_invariant_shards must be 0 (off) or a power of two that is a multiple of "
-          f"the {par.num_devices} devices, got {shards!r}: set "
-          f"--config.topology_invariant_shards to e.g. {max(8, par.num_devices)}.")
+        f"topology_invariant_shards must be 0 (off) or a power of two that is a multiple of "
+        f"the {par.num_devices} devices, got {shards!r}: set "
+        f"--config.topology_invariant_shards to e.g. {max(8, par.num_devices)}."
+      )
     if config.batch_size % shards:
       raise UserError(
-          f"topology_invariant_shards {shards} does not divide batch_size "
-          f"{config.batch_size}: set --config.batch_size to a multiple of {shards}.")
+        f"topology_invariant_shards {shards} does not divide batch_size "
+        f"{config.batch_size}: set --config.batch_size to a multiple of {shards}."
+      )
     if config.grad_accum_steps != 1:
-      raise UserError("topology_invariant_shards already splits the batch into sequential "
-                      "shards: set --config.grad_accum_steps=1.")
+      raise UserError(
+        "topology_invariant_shards already splits the batch into sequential "
+        "shards: set --config.grad_accum_steps=1."
+      )
   if not 0.0 <= config.ema_decay < 1.0:
     raise UserError(f"ema_decay must be in [0, 1) (0 turns EMA off), got {config.ema_decay}.")
   if config.compute_dtype not in DTYPES:
-    raise UserError(f"compute_dtype must be one of {', '.join(DTYPES)}, got "
-                    f"{config.compute_dtype!r}.")
+    raise UserError(
+      f"compute_dtype must be one of {', '.join(DTYPES)}, got {config.compute_dtype!r}."
+    )
   sources.validate(config)
   models.get(config.model, num_classes=2)  # Unknown names fail here, before any data.
   tasks.get(config.task, num_classes=2)
@@ -142,13 +152,13 @@ def make_plan(config, steps_per_epoch: int, platform: str = "cpu") -> Plan:
   total = config.num_train_steps or config.num_epochs * steps_per_epoch
   dispatch = config.steps_per_dispatch or default_steps_per_dispatch(platform)
   return Plan(
-      steps_per_epoch=steps_per_epoch,
-      total_steps=total,
-      log_every=config.log_every_steps,
-      eval_every=config.eval_every_steps or steps_per_epoch,
-      checkpoint_every=config.checkpoint_every_steps or config.eval_every_steps
-      or steps_per_epoch,
-      steps_per_dispatch=dispatch)
+    steps_per_epoch=steps_per_epoch,
+    total_steps=total,
+    log_every=config.log_every_steps,
+    eval_every=config.eval_every_steps or steps_per_epoch,
+    checkpoint_every=config.checkpoint_every_steps or config.eval_every_steps or steps_per_epoch,
+    steps_per_dispatch=dispatch,
+  )
 
 
 # ------------------------------------------------------------- per-device code
@@ -194,8 +204,9 @@ def _balanced_sum(trees):
   return trees[0]
 
 
-def make_train_chunk(model, tx, schedule, task, config, dtype, max_steps: int,
-                     metrics_cls, num_devices: int):
+def make_train_chunk(
+  model, tx, schedule, task, config, dtype, max_steps: int, metrics_cls, num_devices: int
+):
   """Per-device: runs up to `num_steps` (<= max_steps) train steps on the chunk's batches."""
   stop_on_nonfinite = config.nonfinite == "error"
   nan_step = int(os.environ.get(NAN_STEP_ENV, -1))
@@ -208,8 +219,9 @@ def make_train_chunk(model, tx, schedule, task, config, dtype, max_steps: int,
   def micro_loss(params, model_state, x, batch, rng):
     variables = {"params": params, **model_state}
     mutable = [*model_state, "losses"]
-    outputs, new_vars = model.apply(variables, x, train=True, rngs={"dropout": rng},
-                                    mutable=mutable)
+    outputs, new_vars = model.apply(
+      variables, x, train=True, rngs={"dropout": rng}, mutable=mutable
+    )
     aux = _sum_losses(new_vars.get("losses", {}))
     new_state = {k: v for k, v in new_vars.items() if k != "losses"}
     per_example, task_metrics = task.loss(outputs, batch, x)
@@ -222,7 +234,8 @@ def make_train_chunk(model, tx, schedule, task, config, dtype, max_steps: int,
     """Mean loss gradient over this device's batch, in `accum` sequential micro-batches."""
     if accum == 1:
       (_, (model_state, per_example, task_metrics, aux)), grads = grad_fn(
-          params, model_state, x, batch, rng)
+        params, model_state, x, batch, rng
+      )
       return grads, model_state, per_example, task_metrics, aux
 
     def split(v):
@@ -232,14 +245,16 @@ def make_train_chunk(model, tx, schedule, task, config, dtype, max_steps: int,
       grads_sum, model_state, aux_sum = carry
       j, xj, bj = inputs
       (_, (model_state, per_example, task_metrics, aux)), grads = grad_fn(
-          params, model_state, xj, bj, jax.random.fold_in(rng, j))
+        params, model_state, xj, bj, jax.random.fold_in(rng, j)
+      )
       grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
       return (grads_sum, model_state, aux_sum + aux), (per_example, task_metrics)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     carry = (zeros, model_state, jnp.float32(0.0))
     (grads, model_state, aux), (per_example, task_metrics) = jax.lax.scan(
-        body, carry, (jnp.arange(accum), split(x), jax.tree.map(split, batch)))
+      body, carry, (jnp.arange(accum), split(x), jax.tree.map(split, batch))
+    )
     grads = jax.tree.map(lambda g: g / accum, grads)
     flat = lambda v: v.reshape((-1, *v.shape[2:]))  # noqa: E731
     return grads, model_state, flat(per_example), jax.tree.map(flat, task_metrics), aux / accum
@@ -256,25 +271,35 @@ def make_train_chunk(model, tx, schedule, task, config, dtype, max_steps: int,
     """
     if jax.tree.leaves(model_state):
       raise UserError(
-          "topology_invariant_shards does not cover models with running statistics (e.g. "
-          "BatchNorm, whose batch statistics are all-reduced): set "
-          "--config.topology_invariant_shards=0.")
+        "topology_invariant_shards does not cover models with running statistics (e.g. "
+        "BatchNorm, whose batch statistics are all-reduced): set "
+        "--config.topology_invariant_shards=0."
+      )
     local = shards // num_devices
     size = x.shape[0] // local
     grads, per_example, task_metrics, aux = [], [], [], []
     for j in range(local):
-      piece = lambda v, j=j: v[j * size:(j + 1) * size]  # noqa: E731
-      (_, (_, pe, tm, a)), g = grad_fn(params, model_state, piece(x), jax.tree.map(piece, batch),
-                                       jax.random.fold_in(dropout_key, device * local + j))
+      piece = lambda v, j=j: v[j * size : (j + 1) * size]  # noqa: E731
+      (_, (_, pe, tm, a)), g = grad_fn(
+        params,
+        model_state,
+        piece(x),
+        jax.tree.map(piece, batch),
+        jax.random.fold_in(dropout_key, device * local + j),
+      )
       grads.append(g)
       per_example.append(pe)
       task_metrics.append(tm)
       aux.append(a)
-    grads = jax.tree.map(lambda g: g / shards, parallel.tree_sum(_balanced_sum(grads),
-                                                                 num_devices))
+    grads = jax.tree.map(lambda g: g / shards, parallel.tree_sum(_balanced_sum(grads), num_devices))
     cat = lambda *v: jnp.concatenate(v)  # noqa: E731
-    return (grads, model_state, cat(*per_example), jax.tree.map(cat, *task_metrics),
-            sum(aux) / local)
+    return (
+      grads,
+      model_state,
+      cat(*per_example),
+      jax.tree.map(cat, *task_metrics),
+      sum(aux) / local,
+    )
 
   def train_step(state, batch):
     # Random draws are pure functions of (seed, step) and the example's (for augmentation)
@@ -289,11 +314,13 @@ def make_train_chunk(model, tx, schedule, task, config, dtype, max_steps: int,
     dropout_key = jax.random.fold_in(step_key, 2)
     if shards:
       grads, model_state, per_example, task_metrics, aux = invariant_gradients(
-          state.params, state.model_state, x, batch, dropout_key, device)
+        state.params, state.model_state, x, batch, dropout_key, device
+      )
       loss = parallel.mean(jnp.mean(per_example) + aux)  # Reported only; grads are summed.
     else:
       grads, model_state, per_example, task_metrics, aux = gradients(
-          state.params, state.model_state, x, batch, jax.random.fold_in(dropout_key, device))
+        state.params, state.model_state, x, batch, jax.random.fold_in(dropout_key, device)
+      )
       loss = jnp.mean(per_example) + aux
       # Running statistics (e.g. BatchNorm's) are averaged too: replicas stay identical.
       grads, loss, model_state = parallel.mean((grads, loss, model_state))
@@ -315,15 +342,25 @@ def make_train_chunk(model, tx, schedule, task, config, dtype, max_steps: int,
       # fusion holds, e.g. the gradient sum, which differs by topology. A conditional's
       # branch is a fusion boundary: the update compiles to the same code on every topology.
       params, opt_state, ema_params = jax.lax.cond(
-          finite, update, lambda g, p, o, e: (p, o, e), *operands)
+        finite, update, lambda g, p, o, e: (p, o, e), *operands
+      )
     else:
       params, opt_state, ema_params = update(*operands)
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                     model_state=model_state, ema_params=ema_params)
+    new = TrainState(
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      model_state=model_state,
+      ema_params=ema_params,
+    )
     first_device = (device == 0).astype(jnp.float32)
     metrics = metrics_cls.single_from_model_output(
-        loss=per_example + aux, aux_loss=aux, learning_rate=schedule(state.step),
-        nonfinite=(1.0 - finite.astype(jnp.float32)) * first_device, **task_metrics)
+      loss=per_example + aux,
+      aux_loss=aux,
+      learning_rate=schedule(state.step),
+      nonfinite=(1.0 - finite.astype(jnp.float32)) * first_device,
+      **task_metrics,
+    )
     return new, metrics, finite
 
   def guarded_step(state, batch):
@@ -375,8 +412,9 @@ def make_eval(model, task, dtype, num_steps: int, metrics_cls, norm=None):
       batch = plan_lib.take(inputs, i)
       x = preprocess(batch["image"], dtype, norm)
       per_example, task_metrics = task.loss(model.apply(variables, x, train=False), batch, x)
-      return metrics.merge(metrics_cls.single_from_model_output(
-          loss=per_example, mask=batch["mask"], **task_metrics))
+      return metrics.merge(
+        metrics_cls.single_from_model_output(loss=per_example, mask=batch["mask"], **task_metrics)
+      )
 
     metrics = jax.lax.fori_loop(0, num_steps, body, metrics_cls.empty())
     return parallel.gather_metrics(metrics)
@@ -400,8 +438,9 @@ def make_predict(model, task, dtype, num_steps: int, norm=None):
   return predict
 
 
-def init_state(model, tx, image_shape, seed: int, par: parallel.DataParallel,
-               ema: bool = False) -> TrainState:
+def init_state(
+  model, tx, image_shape, seed: int, par: parallel.DataParallel, ema: bool = False
+) -> TrainState:
   """Initializes the state on the host CPU once, then replicates it to every device."""
 
   def init():
@@ -410,9 +449,13 @@ def init_state(model, tx, image_shape, seed: int, par: parallel.DataParallel,
     params = variables.pop("params")
     # Sown per-call values (auxiliary losses) are not state.
     model_state = {k: v for k, v in variables.items() if k not in TRANSIENT_COLLECTIONS}
-    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                      model_state=model_state,
-                      ema_params=jax.tree.map(jnp.copy, params) if ema else {})
+    return TrainState(
+      step=jnp.int32(0),
+      params=params,
+      opt_state=tx.init(params),
+      model_state=model_state,
+      ema_params=jax.tree.map(jnp.copy, params) if ema else {},
+    )
 
   return jax.jit(init, out_shardings=par.sharding(parallel.REPLICATED))()
 
@@ -422,8 +465,11 @@ def init_state(model, tx, image_shape, seed: int, par: parallel.DataParallel,
 
 def step_flops(model, task, image_shape, per_device_batch: int, dtype) -> float | None:
   """XLA's cost-analysis FLOPs of the loss's forward and backward on one device's batch."""
-  variables = jax.eval_shape(lambda: model.init(  # Shapes only: no initializer compiled.
-      jax.random.key(0), jnp.zeros((1, *image_shape)), train=False))
+  variables = jax.eval_shape(
+    lambda: model.init(  # Shapes only: no initializer compiled.
+      jax.random.key(0), jnp.zeros((1, *image_shape)), train=False
+    )
+  )
   x = jax.ShapeDtypeStruct((per_device_batch, *image_shape), dtype)
   y = jax.ShapeDtypeStruct((per_device_batch,), jnp.int32)
 
@@ -445,8 +491,7 @@ class Experiment:
   so `describe`, `eval`, `report` and `export` share it with training.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict,
-               par: parallel.DataParallel | None = None):
+  def __init__(self, config: ml_collections.ConfigDict, par: parallel.DataParallel | None = None):
     self.config = config
     self.par = par = par or parallel.DataParallel()
     validate(config, par)
@@ -460,38 +505,62 @@ class Experiment:
       # 'auto' picks the CNN's convolution by the process's device count: pinned here, so
       # every topology runs the same code and gets the same bits.
       model_cfg = ml_collections.ConfigDict({**model_cfg.to_dict(), "conv": "xla"})
-    self.model = models.get(model_cfg, self.spec.num_classes, self.dtype,
-                            self.spec.image_shape)
+    self.model = models.get(model_cfg, self.spec.num_classes, self.dtype, self.spec.image_shape)
     self.task = tasks.get(config.task, self.spec.num_classes)
     self.tx, self.schedule = optimizers.make(
-        config.optimizer, config.schedule, steps_per_epoch=self.plan.steps_per_epoch,
-        total_steps=self.plan.total_steps)
+      config.optimizer,
+      config.schedule,
+      steps_per_epoch=self.plan.steps_per_epoch,
+      total_steps=self.plan.total_steps,
+    )
     self.train_metrics = metrics_lib.train_metrics(self.task.metric_names)
     self.eval_metrics = metrics_lib.eval_metrics(self.task.metric_names)
-    self._chunk_fn = make_train_chunk(self.model, self.tx, self.schedule, self.task, config,
-                                      self.dtype, self.plan.steps_per_dispatch,
-                                      self.train_metrics, par.num_devices)
+    self._chunk_fn = make_train_chunk(
+      self.model,
+      self.tx,
+      self.schedule,
+      self.task,
+      config,
+      self.dtype,
+      self.plan.steps_per_dispatch,
+      self.train_metrics,
+      par.num_devices,
+    )
     self._train_chunk = None
     self._evaluate, self._predict = {}, {}  # Compiled per eval chunk length.
 
   # ------------------------------------------------------------- state
 
   def init_state(self) -> TrainState:
-    return init_state(self.model, self.tx, self.spec.image_shape, self.config.seed, self.par,
-                      ema=bool(self.config.ema_decay))
+    return init_state(
+      self.model,
+      self.tx,
+      self.spec.image_shape,
+      self.config.seed,
+      self.par,
+      ema=bool(self.config.ema_decay),
+    )
 
   def checkpointer(self, workdir: str) -> checkpointing.Checkpointer:
     return checkpointing.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=self.config.keep_checkpoints,
-        best_metric=self.task.best_metric, best_mode=self.task.best_mode)
+      os.path.join(workdir, "checkpoints"),
+      keep=self.config.keep_checkpoints,
+      best_metric=self.task.best_metric,
+      best_mode=self.task.best_mode,
+    )
 
   def restore(self, workdir: str, step: int | str | None = None) -> tuple[TrainState, int]:
     """The checkpoint at `step` (an int, None/'latest' or 'best') of a run's workdir.
 
     Read-only: safe on a run that is still training in that workdir.
     """
-    return checkpointing.read(os.path.join(workdir, "checkpoints"), self.init_state(), step,
-                              best_metric=self.task.best_metric, best_mode=self.task.best_mode)
+    return checkpointing.read(
+      os.path.join(workdir, "checkpoints"),
+      self.init_state(),
+      step,
+      best_metric=self.task.best_metric,
+      best_mode=self.task.best_mode,
+    )
 
   # ------------------------------------------------------------- steps
 
@@ -500,8 +569,11 @@ class Experiment:
     batches = self.data.train_batches(start_step, num_steps, self.plan.steps_per_dispatch)
     if self._train_chunk is None:  # Compiled at the first chunk, with the input's specs.
       self._train_chunk = self.par.compile(
-          self._chunk_fn, in_specs=(parallel.REPLICATED, batches.specs, parallel.REPLICATED),
-          out_specs=parallel.REPLICATED, donate_argnums=(0,))
+        self._chunk_fn,
+        in_specs=(parallel.REPLICATED, batches.specs, parallel.REPLICATED),
+        out_specs=parallel.REPLICATED,
+        donate_argnums=(0,),
+      )
     return self._train_chunk(state, batches.inputs, np.int32(num_steps))
 
   def evaluate(self, state: TrainState) -> dict:
@@ -511,8 +583,10 @@ class Experiment:
       steps = batches.inputs["mask"].shape[0]
       if steps not in self._evaluate:
         self._evaluate[steps] = self.par.compile(
-            make_eval(self.model, self.task, self.dtype, steps, self.eval_metrics, self.norm),
-            in_specs=(parallel.REPLICATED, batches.specs), out_specs=parallel.REPLICATED)
+          make_eval(self.model, self.task, self.dtype, steps, self.eval_metrics, self.norm),
+          in_specs=(parallel.REPLICATED, batches.specs),
+          out_specs=parallel.REPLICATED,
+        )
       chunk = self._evaluate[steps](state, batches.inputs)  # No host wait between chunks.
       total = chunk if total is None else total.merge(chunk)
     self.data.raise_if_failed()
@@ -529,11 +603,14 @@ class Experiment:
       steps = batches.inputs["mask"].shape[0]
       if steps not in self._predict:
         self._predict[steps] = self.par.compile(
-            make_predict(self.model, self.task, self.dtype, steps, self.norm),
-            in_specs=(parallel.REPLICATED, batches.specs), out_specs=parallel.STEPS_BATCH)
+          make_predict(self.model, self.task, self.dtype, steps, self.norm),
+          in_specs=(parallel.REPLICATED, batches.specs),
+          out_specs=parallel.STEPS_BATCH,
+        )
       out = self._predict[steps](state, batches.inputs)
       if self.par.num_processes > 1:
         from jax.experimental import multihost_utils
+
         out = multihost_utils.process_allgather(out, tiled=True)
       out = np.asarray(out)
       outputs.append(out.reshape((-1, *out.shape[2:])))
@@ -564,16 +641,25 @@ class Experiment:
 
   def train_step_flops(self) -> float | None:
     """XLA's FLOPs of one global train step (forward and backward, all devices)."""
-    flops = step_flops(self.model, self.task, self.spec.image_shape,
-                       self.config.batch_size // self.par.num_devices, self.dtype)
+    flops = step_flops(
+      self.model,
+      self.task,
+      self.spec.image_shape,
+      self.config.batch_size // self.par.num_devices,
+      self.dtype,
+    )
     return flops * self.par.num_devices if flops else None
 
 
 # ------------------------------------------------------------------- the loop
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       par: parallel.DataParallel | None = None, progress=None) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  par: parallel.DataParallel | None = None,
+  progress=None,
+) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the summary.
 
   `progress`, if given, gets `start(total_steps=, steps_per_epoch=, batch_size=)`,
@@ -583,18 +669,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   start_time = time.time()
   exp = Experiment(config, par)
   par, plan = exp.par, exp.plan
-  logging.info("Devices: %s; global batch %d = %d per device; %d steps (%d per epoch); "
-               "data %s.", par.describe(), config.batch_size,
-               config.batch_size // par.num_devices, plan.total_steps, plan.steps_per_epoch,
-               exp.data.description)
+  logging.info(
+    "Devices: %s; global batch %d = %d per device; %d steps (%d per epoch); data %s.",
+    par.describe(),
+    config.batch_size,
+    config.batch_size // par.num_devices,
+    plan.total_steps,
+    plan.steps_per_epoch,
+    exp.data.description,
+  )
   if progress is not None:
-    progress.start(total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch,
-                   batch_size=config.batch_size)
+    progress.start(
+      total_steps=plan.total_steps,
+      steps_per_epoch=plan.steps_per_epoch,
+      batch_size=config.batch_size,
+    )
 
   # Everything the user can get wrong has been checked: only now touch the workdir.
   workdirs.prepare(workdir, par)
   writer = metric_writers.create_default_writer(
-      workdir, just_logging=par.process_index > 0, asynchronous=True)
+    workdir, just_logging=par.process_index > 0, asynchronous=True
+  )
   ckpt = exp.checkpointer(workdir)
   state = exp.init_state()
   # The newest readable checkpoint: an unreadable one is reported, moved aside and the
@@ -616,15 +711,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     parameter_overview.log_parameter_overview(par.to_host(state.params))
   step = int(par.to_host(state.step))
 
-  report = periodic_actions.ReportProgress(num_train_steps=plan.total_steps, writer=writer,
-                                           every_steps=config.log_every_steps)
+  report = periodic_actions.ReportProgress(
+    num_train_steps=plan.total_steps, writer=writer, every_steps=config.log_every_steps
+  )
   best_key = exp.task.best_metric
   # Signal handlers only while training: they are put back on every way out.
   try:
     with preemption.Stopper(par, check_every=plan.log_every) as stopper:
       train_metrics = None
-      timing = {"first_step_s": None, "compile_s": None, "steady_start": None, "steady_steps": 0,
-                "paused_s": 0.0}
+      timing = {
+        "first_step_s": None,
+        "compile_s": None,
+        "steady_start": None,
+        "steady_steps": 0,
+        "paused_s": 0.0,
+      }
       eval_result = None
       # The non-finite flag of the chunk before this one: checked after the next chunk is
       # dispatched, so the host never waits for the device inside the loop (at most two
@@ -656,12 +757,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         for s in range(step + 1, step + n + 1):  # ReportProgress wants every step.
           report(s)
         step += n
-        train_metrics = (chunk_metrics if train_metrics is None
-                         else train_metrics.merge(chunk_metrics))
+        train_metrics = (
+          chunk_metrics if train_metrics is None else train_metrics.merge(chunk_metrics)
+        )
         logged = None
         stop = stopper.should_stop(step)
-        if (step % plan.log_every == 0 or step == plan.total_steps or stop
-            or step % plan.eval_every == 0 or step % plan.checkpoint_every == 0):
+        if (
+          step % plan.log_every == 0
+          or step == plan.total_steps
+          or stop
+          or step % plan.eval_every == 0
+          or step % plan.checkpoint_every == 0
+        ):
           check(unchecked)  # Before anything is logged, evaluated or saved.
           unchecked = None
           exp.data.raise_if_failed()  # Agreed by all processes: no blank batch is saved.
@@ -678,9 +785,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           with report.timed("eval"):
             eval_result = exp.evaluate(state)
           writer.write_scalars(step, {k: v for k, v in eval_result.items() if k != "eval_examples"})
-          logging.info("Step %d: eval %s (%d examples).", step, ", ".join(
-              f"{k[5:].replace('_', ' ')} {v:.4f}" for k, v in eval_result.items()
-              if k != "eval_examples"), eval_result["eval_examples"])
+          logging.info(
+            "Step %d: eval %s (%d examples).",
+            step,
+            ", ".join(
+              f"{k[5:].replace('_', ' ')} {v:.4f}"
+              for k, v in eval_result.items()
+              if k != "eval_examples"
+            ),
+            eval_result["eval_examples"],
+          )
         if step % plan.checkpoint_every == 0 or step == plan.total_steps or stop:
           with report.timed("checkpoint"):
             metrics = {best_key: eval_result[best_key]} if eval_result else None
@@ -691,8 +805,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           writer.flush()
           if progress is not None:
             progress.close()
-          logging.info("Stopped at step %d after a stop signal; the checkpoint is saved: run the "
-                       "same command to resume.", step)
+          logging.info(
+            "Stopped at step %d after a stop signal; the checkpoint is saved: run the "
+            "same command to resume.",
+            step,
+          )
           return {"step": step, "stopped": True}
       timing["train_end"] = time.time()
       if progress is not None:
@@ -701,12 +818,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if timing["first_step_s"] is None:  # Finished before this invocation: nothing to do.
         ckpt.close()
         previous = workdirs.read_summary(workdir)
-        logging.info("The run in %s already finished at step %d; nothing more to train.",
-                     workdir, step)
+        logging.info(
+          "The run in %s already finished at step %d; nothing more to train.", workdir, step
+        )
         if previous is None:  # Killed after the last checkpoint, before the summary.
-          previous = {"step": step, **exp.evaluate(state), "wall_s": time.time() - start_time,
-                      "devices": par.num_devices, "processes": par.num_processes,
-                      "batch_size": config.batch_size}
+          previous = {
+            "step": step,
+            **exp.evaluate(state),
+            "wall_s": time.time() - start_time,
+            "devices": par.num_devices,
+            "processes": par.num_processes,
+            "batch_size": config.batch_size,
+          }
           workdirs.write_summary(workdir, previous, par)
         return previous
       ckpt.wait()
@@ -714,18 +837,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       writer.flush()
       # Train throughput after the first (compiling) chunk, eval and checkpoint time excluded.
       steady_s = timing["train_end"] - timing["steady_start"] - timing["paused_s"]
-      steady = timing["steady_steps"] * config.batch_size / steady_s \
-          if timing["steady_steps"] else None
+      steady = (
+        timing["steady_steps"] * config.batch_size / steady_s if timing["steady_steps"] else None
+      )
       # Share of the steady train time the loop spent blocked waiting for input batches.
       wait_share = None
       if exp.data.input_wait_s is not None and timing["steady_steps"] and steady_s > 0:
         wait_share = (exp.data.input_wait_s - timing["input_wait_start"]) / steady_s
       summary = {
-          "step": step, **eval_result, "train_examples_per_sec": steady,
-          "wall_s": time.time() - start_time, "time_to_first_step_s": timing["first_step_s"],
-          "first_dispatch_s": timing["compile_s"], "devices": par.num_devices,
-          "processes": par.num_processes, "batch_size": config.batch_size,
-          "input_wait_share": wait_share, "data_source": exp.data.description,
+        "step": step,
+        **eval_result,
+        "train_examples_per_sec": steady,
+        "wall_s": time.time() - start_time,
+        "time_to_first_step_s": timing["first_step_s"],
+        "first_dispatch_s": timing["compile_s"],
+        "devices": par.num_devices,
+        "processes": par.num_processes,
+        "batch_size": config.batch_size,
+        "input_wait_share": wait_share,
+        "data_source": exp.data.description,
       }
       workdirs.write_summary(workdir, summary, par)
       return summary
@@ -746,25 +876,32 @@ def _prepare_data_once(config, par):
     try:
       sources.prepare_data(config)
     except Exception as e:  # Any failure must reach the broadcast, or the others hang.
-      error = e if isinstance(e, UserError) else UserError(
+      error = (
+        e
+        if isinstance(e, UserError)
+        else UserError(
           f"Could not prepare dataset {config.dataset.name!r} ({type(e).__name__}: "
-          f"{' '.join(str(e).split())[:200]}): fix the cause and run again.")
+          f"{' '.join(str(e).split())[:200]}): fix the cause and run again."
+        )
+      )
   # Agreed by all, so that no process waits forever for one that failed.
   failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
   if error is not None:
     raise error
   if int(failed):
-    raise UserError(f"Process 0 could not prepare dataset {config.dataset.name!r}; see its "
-                    "log for the reason.")
+    raise UserError(
+      f"Process 0 could not prepare dataset {config.dataset.name!r}; see its log for the reason."
+    )
 
 
 def _fail_writing_metrics(error, ckpt, workdir):
   ckpt.wait()  # A failed checkpoint save (e.g. the disk is full) is the clearer message.
   cause = error.__cause__ or error
   raise UserError(
-      f"Could not write the TensorBoard metrics in {workdir} ("
-      f"{' '.join(str(cause).split())[:200]}): free space or use another --workdir; the last "
-      "complete checkpoint is kept.") from error
+    f"Could not write the TensorBoard metrics in {workdir} ("
+    f"{' '.join(str(cause).split())[:200]}): free space or use another --workdir; the last "
+    "complete checkpoint is kept."
+  ) from error
 
 
 def _fail_nonfinite(bad_step, values, ckpt, writer):
@@ -772,8 +909,9 @@ def _fail_nonfinite(bad_step, values, ckpt, writer):
   writer.flush()
   latest = ckpt.latest_step()
   raise TrainingError(
-      f"The loss or gradient became non-finite at step {bad_step} (loss {values['loss']:.4g}), "
-      f"so training stopped without applying it; the last good checkpoint "
-      f"({'step ' + str(latest) if latest is not None else 'none yet'}) is kept: lower the "
-      "learning rate, add --config.optimizer.grad_clip_norm, or set "
-      "--config.nonfinite=skip.")
+    f"The loss or gradient became non-finite at step {bad_step} (loss {values['loss']:.4g}), "
+    f"so training stopped without applying it; the last good checkpoint "
+    f"({'step ' + str(latest) if latest is not None else 'none yet'}) is kept: lower the "
+    "learning rate, add --config.optimizer.grad_clip_norm, or set "
+    "--config.nonfinite=skip."
+  )

@@ -27,8 +27,9 @@ def prepare(workdir: str, par):
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:
-    raise UserError(f"Cannot write to --workdir {workdir} ({e.strerror or e}): pass a "
-                    "writable directory.") from e
+    raise UserError(
+      f"Cannot write to --workdir {workdir} ({e.strerror or e}): pass a writable directory."
+    ) from e
   if par.num_processes > 1:
     _check_shared(path, par)
 
@@ -51,9 +52,10 @@ def _check_shared(path: epath.Path, par):
     markers.rmdir()
   if (np.asarray(counts) != par.num_processes).any():
     raise UserError(
-        f"--workdir {path} is not one storage shared by all {par.num_processes} processes "
-        f"(processes saw {np.asarray(counts).tolist()} of each other's marker files): use a "
-        "shared filesystem or a gs:// path.")
+      f"--workdir {path} is not one storage shared by all {par.num_processes} processes "
+      f"(processes saw {np.asarray(counts).tolist()} of each other's marker files): use a "
+      "shared filesystem or a gs:// path."
+    )
 
 
 def flat_config(config) -> dict:
@@ -66,6 +68,7 @@ def flat_config(config) -> dict:
         walk(key + ".", v)
       else:
         out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
   walk("", config)
   return out
 

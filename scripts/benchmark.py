@@ -272,11 +272,16 @@ def worker_flaxtrain(spec: dict) -> dict:
 
   par = parallel.DataParallel()
   n_dev = par.num_devices
-  model = models.get(config.model, ds.num_classes, train.DTYPES[config.compute_dtype],
-                     ds.image_shape)
-  flops_per_device = train.step_flops(model, tasks.get(config.task, ds.num_classes),
-                                      ds.image_shape, batch // n_dev,
-                                      train.DTYPES[config.compute_dtype])
+  model = models.get(
+    config.model, ds.num_classes, train.DTYPES[config.compute_dtype], ds.image_shape
+  )
+  flops_per_device = train.step_flops(
+    model,
+    tasks.get(config.task, ds.num_classes),
+    ds.image_shape,
+    batch // n_dev,
+    train.DTYPES[config.compute_dtype],
+  )
   step_s = batch / ex_per_s if ex_per_s else None
   steps_per_epoch = ds.num_train // batch
   first_save_s = saves[0] if saves else None

@@ -41,8 +41,9 @@ def timed(fn, *args, calls):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--calls", type=int, default=300)
   args = parser.parse_args()
@@ -76,6 +77,7 @@ def main():
     def step(p, s, x):
       updates, s = tx.update(jax.grad(loss)(p, x, conv), s, p)
       return optax.apply_updates(p, updates), s
+
     return step
 
   flat = rand(824_458)
@@ -91,12 +93,14 @@ def main():
     ("conv2 as matmul: dW", lambda a, g: a.T @ g, (patches, gmat)),
     ("conv2 as matmul: dX", lambda g, m: g @ m.T, (gmat, wmat)),
     ("dense1 forward", lambda a, m: a @ m, (h, wd)),
-    ("AdamW update, 824k", lambda p, s, g: optax.apply_updates(p, adamw.update(g, s, p)[0]),
-     (flat, adamw.init(flat), flat)),
+    (
+      "AdamW update, 824k",
+      lambda p, s, g: optax.apply_updates(p, adamw.update(g, s, p)[0]),
+      (flat, adamw.init(flat), flat),
+    ),
     ("whole step, AdamW", step_fn(adamw), (params, adamw.init(params), x1)),
     ("whole step, SGD", step_fn(sgd), (params, sgd.init(params), x1)),
-    ("whole step, AdamW, im2col", step_fn(adamw, im2col.conv3x3),
-     (params, adamw.init(params), x1)),
+    ("whole step, AdamW, im2col", step_fn(adamw, im2col.conv3x3), (params, adamw.init(params), x1)),
   ]
   print(f"batch {b}, jax {jax.__version__}, {jax.devices()[0].device_kind}")
   for name, fn, fn_args in parts:

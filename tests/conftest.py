@@ -42,10 +42,16 @@ def patch_synthetic(monkeypatch):
   from flaxtrain.data import memory, prepare, sources
 
   def load(name, **_):
-    spec = prepare.DatasetSpec(name=name, image_shape=(28, 28, 1), num_classes=10,
-                                class_names=tuple(str(i) for i in range(10)),
-                                train_split="train", eval_split="test",
-                                num_train=2048, num_eval=500)
+    spec = prepare.DatasetSpec(
+      name=name,
+      image_shape=(28, 28, 1),
+      num_classes=10,
+      class_names=tuple(str(i) for i in range(10)),
+      train_split="train",
+      eval_split="test",
+      num_train=2048,
+      num_eval=500,
+    )
     return spec, synthetic_split(2048, 0), synthetic_split(500, 1)
 
   monkeypatch.setattr(memory, "load", load)
@@ -75,21 +81,36 @@ def tiny_config(**overrides):
 def real_data_dir(tmp_path_factory):
   """A TFDS data dir with the real Fashion-MNIST prepared (offline, from Debian's copy)."""
   from flaxtrain.data import prepare
+
   if not os.path.isdir(prepare.SYSTEM_COPIES["fashion_mnist"]) and not os.environ.get(
-      "TFDS_DATA_DIR"):
+    "TFDS_DATA_DIR"
+  ):
     pytest.skip("needs Debian's dataset-fashion-mnist (CI installs it) or a TFDS_DATA_DIR")
   data_dir = os.environ.get("TFDS_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
   prepare.prepare("fashion_mnist", data_dir=data_dir)
   return data_dir
 
 
-TINY_FLAGS = ["--config.model.features=(8, 16)", "--config.model.dense=(32,)",
-              "--config.log_every_steps=10"]
+TINY_FLAGS = [
+  "--config.model.features=(8, 16)",
+  "--config.model.dense=(32,)",
+  "--config.log_every_steps=10",
+]
 
 
-def make_image_dataset(data_dir, name: str, num_train: int, num_eval: int, *,
-                       sizes=(24, 72), shape=None, encoding="jpeg", corrupt=(),
-                       file_format="array_record", channels: int = 3):
+def make_image_dataset(
+  data_dir,
+  name: str,
+  num_train: int,
+  num_eval: int,
+  *,
+  sizes=(24, 72),
+  shape=None,
+  encoding="jpeg",
+  corrupt=(),
+  file_format="array_record",
+  channels: int = 3,
+):
   """Writes a learnable image dataset as a prepared TFDS dataset under `data_dir`.
 
   Images are `synthetic_split` patterns scaled to random sizes in `sizes` (or to the fixed
@@ -111,11 +132,22 @@ def make_image_dataset(data_dir, name: str, num_train: int, num_eval: int, *,
         image = io.BytesIO(b"\xff\xd8\xff\xe0 not a JPEG")
       yield i, {"image": image, "label": int(split["label"][i])}
 
-  features = tfds.features.FeaturesDict({
-      "image": tfds.features.Image(shape=(*(shape[:2] if shape else (None, None)), channels),
-                                   encoding_format=encoding),
-      "label": tfds.features.ClassLabel(num_classes=10)})
+  features = tfds.features.FeaturesDict(
+    {
+      "image": tfds.features.Image(
+        shape=(*(shape[:2] if shape else (None, None)), channels), encoding_format=encoding
+      ),
+      "label": tfds.features.ClassLabel(num_classes=10),
+    }
+  )
   return tfds.dataset_builders.store_as_tfds_dataset(
-      name=name, version="1.0.0", features=features, data_dir=str(data_dir),
-      split_datasets={"train": list(examples(num_train, 0, set(corrupt))),
-                      "test": list(examples(num_eval, 1))}, file_format=file_format)
+    name=name,
+    version="1.0.0",
+    features=features,
+    data_dir=str(data_dir),
+    split_datasets={
+      "train": list(examples(num_train, 0, set(corrupt))),
+      "test": list(examples(num_eval, 1)),
+    },
+    file_format=file_format,
+  )

@@ -4,6 +4,7 @@ Stands in for a machine that has the data: TFDS's `mock_data` makes preparation 
 and serves random records (images of random sizes), and the check for hand-downloaded
 files (ImageNet's tars) is told they are there.
 """
+
 import sys
 
 if __name__ == "__main__":

@@ -9,41 +9,48 @@ from conftest import ROOT
 
 
 def flaxtrain(*args, env=None, cwd=ROOT, timeout=300):
-  full_env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-              **(env or {})}
-  return subprocess.run([sys.executable, "-m", "flaxtrain.main", *args], cwd=cwd,
-                        env=full_env, capture_output=True, text=True, timeout=timeout)
+  full_env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", **(env or {})}
+  return subprocess.run(
+    [sys.executable, "-m", "flaxtrain.main", *args],
+    cwd=cwd,
+    env=full_env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 BAD_INPUT = [
-    (["--config.optimizer.nmae=x"], "did you mean --config.optimizer.name?"),
-    (["--config.model.name=nope"], "Unknown model 'nope'"),
-    (["--config.optimizer.name=adamx"], "Unknown optimizer 'adamx'"),
-    (["--config.schedule.name=linear"], "Unknown schedule 'linear'"),
-    (["--config.dataset.name=fashon_mnist"], "fashion_mnist"),
-    (["--config.batch_size=abc"], "--config.batch_size=abc"),
-    (["--config.batch_size=0"], "batch_size must be a positive int"),
-    (["--config.batch_size=-8"], "batch_size must be a positive int"),
-    (["--config.batch_size=66"], "does not divide by the 4 devices"),
-    (["--config.num_epochs=0"], "num_epochs must be a positive int"),
-    (["--config.optimizer.learning_rate=-0.1"], "learning_rate must be > 0"),
-    (["--config=configs/nope.py"], "does not exist"),
-    (["--config.nonfinite=ignore"], "nonfinite must be 'error' or 'skip'"),
-    (["--config.compute_dtype=float8"], "compute_dtype must be one of"),
-    (["--bogus=1"], "Unknown command line flag 'bogus'"),
-    (["--config.dataset.manual_dir=/nonexistent/dir"], "/nonexistent/dir"),
-    (["--config.dataset.manual_dir=/etc"], "lacks t10k-images-idx3-ubyte.gz"),
-    (["--config.dataset.eval_split=validation"], "has no split 'validation'"),
-    (["--config.num_epochs=1.5"], "--config.num_epochs=1.5"),
-    (["--config.eval_batch_size=0"], "eval_batch_size must be a positive int"),
-    (["--config.log_every_steps=0"], "log_every_steps must be a positive int"),
-    (["--config.optimizer.weight_decay_mask=some"], "weight_decay_mask must be"),
-    (["--config.optimizer.grad_clip_norm=-1"], "grad_clip_norm must be > 0"),
-    (["--config.dataset.on_device=maybe"], "dataset.on_device must be"),
-    (["--workdir=/proc/flaxtrain_cannot_write_here"], "Cannot write to --workdir"),
-    (["--num_processes=2"], "need all of --coordinator_address"),
-    (["--config.dataset.name=mnist", "--config.dataset.data_dir={tmp}/empty"],
-     "--config.dataset.manual_dir"),
+  (["--config.optimizer.nmae=x"], "did you mean --config.optimizer.name?"),
+  (["--config.model.name=nope"], "Unknown model 'nope'"),
+  (["--config.optimizer.name=adamx"], "Unknown optimizer 'adamx'"),
+  (["--config.schedule.name=linear"], "Unknown schedule 'linear'"),
+  (["--config.dataset.name=fashon_mnist"], "fashion_mnist"),
+  (["--config.batch_size=abc"], "--config.batch_size=abc"),
+  (["--config.batch_size=0"], "batch_size must be a positive int"),
+  (["--config.batch_size=-8"], "batch_size must be a positive int"),
+  (["--config.batch_size=66"], "does not divide by the 4 devices"),
+  (["--config.num_epochs=0"], "num_epochs must be a positive int"),
+  (["--config.optimizer.learning_rate=-0.1"], "learning_rate must be > 0"),
+  (["--config=configs/nope.py"], "does not exist"),
+  (["--config.nonfinite=ignore"], "nonfinite must be 'error' or 'skip'"),
+  (["--config.compute_dtype=float8"], "compute_dtype must be one of"),
+  (["--bogus=1"], "Unknown command line flag 'bogus'"),
+  (["--config.dataset.manual_dir=/nonexistent/dir"], "/nonexistent/dir"),
+  (["--config.dataset.manual_dir=/etc"], "lacks t10k-images-idx3-ubyte.gz"),
+  (["--config.dataset.eval_split=validation"], "has no split 'validation'"),
+  (["--config.num_epochs=1.5"], "--config.num_epochs=1.5"),
+  (["--config.eval_batch_size=0"], "eval_batch_size must be a positive int"),
+  (["--config.log_every_steps=0"], "log_every_steps must be a positive int"),
+  (["--config.optimizer.weight_decay_mask=some"], "weight_decay_mask must be"),
+  (["--config.optimizer.grad_clip_norm=-1"], "grad_clip_norm must be > 0"),
+  (["--config.dataset.on_device=maybe"], "dataset.on_device must be"),
+  (["--workdir=/proc/flaxtrain_cannot_write_here"], "Cannot write to --workdir"),
+  (["--num_processes=2"], "need all of --coordinator_address"),
+  (
+    ["--config.dataset.name=mnist", "--config.dataset.data_dir={tmp}/empty"],
+    "--config.dataset.manual_dir",
+  ),
 ]
 
 

@@ -28,6 +28,7 @@ def test_config_loads_locks_and_documents_its_launch_command(name):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_is_valid(name):
   from flaxtrain import parallel, train
+
   train.validate(load_config(name), parallel.DataParallel())
 
 
@@ -43,14 +44,17 @@ def test_unknown_nested_override_lists_valid_keys():
     config_check.check_overrides(load_config("fashion_cnn"), ["--config.model.nope.x=1"])
 
 
-@pytest.mark.parametrize("text,match", [
+@pytest.mark.parametrize(
+  "text,match",
+  [
     (None, "does not exist"),
     ("def get_config(:\n", "syntax error at line 1"),
     ("X = 1\n", "no get_config"),
     ("def get_config():\n  return 3\n", "not an ml_collections.ConfigDict"),
     ("def get_config():\n  raise ValueError('boom')\n", "raised ValueError: boom"),
     ("import nonexistent_module_xyz\n", "failed to import"),
-])
+  ],
+)
 def test_bad_config_files(tmp_path: pathlib.Path, text, match):
   path = tmp_path / "cfg.py"
   if text is not None:

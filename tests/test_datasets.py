@@ -20,7 +20,8 @@ DEBIAN_DIR = prepare.SYSTEM_COPIES["fashion_mnist"]
 FASHION_FILES = sorted(prepare.ORIGINAL_GZIP_HEADERS["fashion_mnist"])
 needs_debian_copy = pytest.mark.skipif(
   not os.path.isdir(DEBIAN_DIR),
-  reason=f"{DEBIAN_DIR} absent: apt-get install dataset-fashion-mnist")
+  reason=f"{DEBIAN_DIR} absent: apt-get install dataset-fashion-mnist",
+)
 
 
 class FlaxtrainTinyImages(tfds.core.GeneratorBasedBuilder):
@@ -29,10 +30,15 @@ class FlaxtrainTinyImages(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-      "image": tfds.features.Image(shape=(4, 5, 3)),
-      "label": tfds.features.ClassLabel(names=["cat", "dog"]),
-    }))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(4, 5, 3)),
+          "label": tfds.features.ClassLabel(names=["cat", "dog"]),
+        }
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples(6), "test": self._generate_examples(4)}
@@ -51,8 +57,9 @@ class FlaxtrainTinyManual(FlaxtrainTinyImages):
   """
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, homepage="https://example.org/tiny",
-                                 features=super()._info().features)
+    return tfds.core.DatasetInfo(
+      builder=self, homepage="https://example.org/tiny", features=super()._info().features
+    )
 
 
 TINY = "flaxtrain_tiny_images"
@@ -86,8 +93,10 @@ def no_proxy(monkeypatch):
 @pytest.fixture
 def offline(monkeypatch):
   """Any attempt to resolve a host name fails, as on a machine without network."""
+
   def no_dns(*args, **kwargs):
     raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
   monkeypatch.setattr(socket, "getaddrinfo", no_dns)
 
 
@@ -110,8 +119,9 @@ def test_restore_gzip_header_keeps_content_and_is_idempotent(tmp_path):
   fname = "t10k-labels-idx1-ubyte.gz"
   original_name, mtime = prepare.ORIGINAL_GZIP_HEADERS["fashion_mnist"][fname]
   once, twice = tmp_path / "once.gz", tmp_path / "twice.gz"
-  prepare.restore_gzip_header(os.path.join(DEBIAN_DIR, fname), once,
-                               original_name=original_name, mtime=mtime)
+  prepare.restore_gzip_header(
+    os.path.join(DEBIAN_DIR, fname), once, original_name=original_name, mtime=mtime
+  )
   prepare.restore_gzip_header(once, twice, original_name=original_name, mtime=mtime)
   assert once.read_bytes() == twice.read_bytes()  # An original file is copied unchanged.
   with gzip.open(os.path.join(DEBIAN_DIR, fname)) as a, gzip.open(once) as b:
@@ -122,19 +132,18 @@ def test_restore_gzip_header_handles_all_optional_fields(tmp_path):
   # FLG = FHCRC | FEXTRA | FNAME | FCOMMENT, then the fields in RFC 1952 order.
   body = gzip.compress(b"payload", mtime=0)[10:]
   src = tmp_path / "src.gz"
-  src.write_bytes(b"\x1f\x8b\x08\x1e\0\0\0\0\x02\x03" + b"\x03\0abc" + b"old\0" + b"note\0"
-                  + b"\0\0" + body)
+  src.write_bytes(
+    b"\x1f\x8b\x08\x1e\0\0\0\0\x02\x03" + b"\x03\0abc" + b"old\0" + b"note\0" + b"\0\0" + body
+  )
   prepare.restore_gzip_header(src, tmp_path / "dst.gz", original_name="new", mtime=7)
-  assert (tmp_path / "dst.gz").read_bytes() == (
-    b"\x1f\x8b\x08\x08\x07\0\0\0\x02\x03new\0" + body)
+  assert (tmp_path / "dst.gz").read_bytes() == (b"\x1f\x8b\x08\x08\x07\0\0\0\x02\x03new\0" + body)
   assert gzip.decompress((tmp_path / "dst.gz").read_bytes()) == b"payload"
 
 
 def test_restore_gzip_header_rejects_non_gzip(tmp_path):
   (tmp_path / "a.gz").write_bytes(b"not a gzip file")
   with pytest.raises(ValueError, match="not a gzip file"):
-    prepare.restore_gzip_header(tmp_path / "a.gz", tmp_path / "b.gz", original_name="a",
-                                 mtime=0)
+    prepare.restore_gzip_header(tmp_path / "a.gz", tmp_path / "b.gz", original_name="a", mtime=0)
   assert not (tmp_path / "b.gz").exists()
 
 
@@ -156,10 +165,26 @@ def fashion_data_dir(tmp_path_factory):
 def test_load_fashion_mnist_from_system_copy(fashion_data_dir):
   data_dir, (spec, train, eval_) = fashion_data_dir
   assert spec == prepare.DatasetSpec(
-    name="fashion_mnist", image_shape=(28, 28, 1), num_classes=10,
-    class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                 "Sneaker", "Bag", "Ankle boot"),
-    train_split="train", eval_split="test", num_train=60000, num_eval=10000)
+    name="fashion_mnist",
+    image_shape=(28, 28, 1),
+    num_classes=10,
+    class_names=(
+      "T-shirt/top",
+      "Trouser",
+      "Pullover",
+      "Dress",
+      "Coat",
+      "Sandal",
+      "Shirt",
+      "Sneaker",
+      "Bag",
+      "Ankle boot",
+    ),
+    train_split="train",
+    eval_split="test",
+    num_train=60000,
+    num_eval=10000,
+  )
   assert train["image"].shape == (60000, 28, 28, 1) and train["image"].dtype == np.uint8
   assert eval_["label"].shape == (10000,) and eval_["label"].dtype == np.int32
   assert sorted(np.bincount(train["label"])) == [6000] * 10  # The real, balanced data.
@@ -168,8 +193,9 @@ def test_load_fashion_mnist_from_system_copy(fashion_data_dir):
 
 def test_prepared_copy_needs_no_source(fashion_data_dir, monkeypatch):
   monkeypatch.setattr(prepare, "SYSTEM_COPIES", {})
-  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
-                      lambda *a, **k: pytest.fail("prepared again"))
+  monkeypatch.setattr(
+    tfds.core.DatasetBuilder, "download_and_prepare", lambda *a, **k: pytest.fail("prepared again")
+  )
   builder = prepare.prepare("fashion_mnist", data_dir=fashion_data_dir[0])
   assert builder.is_prepared()
   # A manual_dir the user names is still checked, even though it would not be needed.
@@ -183,17 +209,24 @@ def test_load_mnist_on_mock_data(tmp_path, monkeypatch):
   with tfds.testing.mock_data(num_examples=7):
     spec, train, eval_ = memory.load("mnist", data_dir=str(tmp_path))
   assert spec == prepare.DatasetSpec(
-    name="mnist", image_shape=(28, 28, 1), num_classes=10,
-    class_names=tuple(str(i) for i in range(10)), train_split="train", eval_split="test",
-    num_train=7, num_eval=7)
+    name="mnist",
+    image_shape=(28, 28, 1),
+    num_classes=10,
+    class_names=tuple(str(i) for i in range(10)),
+    train_split="train",
+    eval_split="test",
+    num_train=7,
+    num_eval=7,
+  )
   for split in (train, eval_):
     assert split["image"].shape == (7, 28, 28, 1) and split["image"].dtype == np.uint8
     assert split["label"].shape == (7,) and split["label"].dtype == np.int32
 
 
 def test_load_takes_shapes_classes_and_slices_from_tfds(tmp_path):
-  spec, train, eval_ = memory.load("flaxtrain_tiny_images", data_dir=str(tmp_path),
-                                     train_split="train[:50%]")
+  spec, train, eval_ = memory.load(
+    "flaxtrain_tiny_images", data_dir=str(tmp_path), train_split="train[:50%]"
+  )
   assert (spec.image_shape, spec.num_classes, spec.class_names) == ((4, 5, 3), 2, ("cat", "dog"))
   assert (spec.num_train, spec.num_eval) == (3, 4)
   assert train["image"].shape == (3, 4, 5, 3) and eval_["label"].dtype == np.int32
@@ -244,8 +277,9 @@ def test_manual_dir_missing_files_names_them(tmp_path):
   (manual / "train-images-idx3-ubyte.gz").write_bytes(b"")
   with pytest.raises(UserError) as err:
     memory.load("fashion_mnist", data_dir=str(tmp_path / "data"), manual_dir=str(manual))
-  msg = assert_one_sentence(err, "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
-                            "train-labels-idx1-ubyte.gz")
+  msg = assert_one_sentence(
+    err, "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte.gz"
+  )
   assert "train-images" not in msg
 
 
@@ -260,7 +294,8 @@ def test_manual_dir_with_wrong_files_fails_checksum(tmp_path):
   assert any(f in msg for f in FASHION_FILES), msg
   assert type(err.value.__cause__).__name__ == "NonMatchingChecksumError"
   assert [p.name for p in manual.iterdir()] and all(  # The source dir is left untouched.
-    gzip.decompress(p.read_bytes()) == b"not the dataset" for p in manual.iterdir())
+    gzip.decompress(p.read_bytes()) == b"not the dataset" for p in manual.iterdir()
+  )
 
 
 def test_manual_dir_with_non_gzip_file(tmp_path):
@@ -288,6 +323,7 @@ def test_empty_split(tmp_path):
 def test_offline_without_copy_when_download_fails(tmp_path, monkeypatch):
   def fail_download(*args, **kwargs):
     raise requests.ConnectionError("no network")
+
   monkeypatch.setattr(prepare, "_fail_fast_if_offline", lambda builder: None)
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fail_download)
   with pytest.raises(UserError) as err:
@@ -299,12 +335,16 @@ def test_offline_without_copy_when_download_fails(tmp_path, monkeypatch):
 
 def test_offline_fails_fast_and_names_debian_package(tmp_path, monkeypatch, offline):
   monkeypatch.setattr(prepare, "SYSTEM_COPIES", {})  # As if the package were not installed.
-  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
-                      lambda *a, **k: pytest.fail("waited for TFDS's retries"))
+  monkeypatch.setattr(
+    tfds.core.DatasetBuilder,
+    "download_and_prepare",
+    lambda *a, **k: pytest.fail("waited for TFDS's retries"),
+  )
   with pytest.raises(UserError) as err:
     memory.load("fashion_mnist", data_dir=str(tmp_path))
-  assert_one_sentence(err, "internet", "--config.dataset.manual_dir=DIR",
-                      "apt-get install dataset-fashion-mnist")
+  assert_one_sentence(
+    err, "internet", "--config.dataset.manual_dir=DIR", "apt-get install dataset-fashion-mnist"
+  )
   assert isinstance(err.value.__cause__, socket.gaierror)
 
 
@@ -318,13 +358,22 @@ def test_offline_check_defers_to_tfds_cache(tmp_path, monkeypatch, offline):
 
 
 def test_manual_dataset_fails_fast_naming_its_files(tmp_path, monkeypatch, offline):
-  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
-                      lambda *a, **k: pytest.fail("started preparing"))
+  monkeypatch.setattr(
+    tfds.core.DatasetBuilder,
+    "download_and_prepare",
+    lambda *a, **k: pytest.fail("started preparing"),
+  )
   with pytest.raises(UserError) as err:
     prepare.prepare("imagenet2012", data_dir=str(tmp_path))
-  assert_one_sentence(err, "by hand", "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar",
-                      "image-net.org", str(tmp_path / "downloads" / "manual"),
-                      "--config.dataset.manual_dir=DIR")
+  assert_one_sentence(
+    err,
+    "by hand",
+    "ILSVRC2012_img_train.tar",
+    "ILSVRC2012_img_val.tar",
+    "image-net.org",
+    str(tmp_path / "downloads" / "manual"),
+    "--config.dataset.manual_dir=DIR",
+  )
   assert not (tmp_path / "imagenet2012").exists()
 
 
@@ -341,16 +390,23 @@ def test_manual_dataset_names_only_missing_files(tmp_path, offline):
 def test_manual_dataset_with_manual_dir_lacking_files(tmp_path):
   with pytest.raises(UserError) as err:
     prepare.prepare("imagenet2012", data_dir=str(tmp_path / "data"), manual_dir=str(tmp_path))
-  assert_one_sentence(err, f"--config.dataset.manual_dir={tmp_path} lacks",
-                      "ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar")
+  assert_one_sentence(
+    err,
+    f"--config.dataset.manual_dir={tmp_path} lacks",
+    "ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar",
+  )
 
 
 def test_manual_dataset_of_unknown_files_quotes_tfds(tmp_path, offline):
   with pytest.raises(UserError) as err:
     prepare.prepare("flaxtrain_tiny_manual", data_dir=str(tmp_path))
-  assert_one_sentence(err, "by hand", "https://example.org/tiny",
-                      "'Put tiny.zip from example.org in manual_dir'",
-                      str(tmp_path / "downloads" / "manual"))
+  assert_one_sentence(
+    err,
+    "by hand",
+    "https://example.org/tiny",
+    "'Put tiny.zip from example.org in manual_dir'",
+    str(tmp_path / "downloads" / "manual"),
+  )
 
 
 def test_manual_dataset_prepares_from_default_manual_dir(tmp_path, offline):
@@ -368,8 +424,13 @@ def read_both_ways(data_dir) -> tuple[list[int], list[int]]:
   """The train split's pixel values through as_dataset (TFRecord) and tfds.data_source."""
   builder = tfds.builder(TINY, data_dir=data_dir)
   via_tf = [int(x["image"][0, 0, 0]) for x in tfds.as_numpy(builder.as_dataset(split="train"))]
-  source = tfds.data_source(TINY, split="train", data_dir=data_dir, download=False,
-                            decoders={"image": tfds.decode.SkipDecoding()})
+  source = tfds.data_source(
+    TINY,
+    split="train",
+    data_dir=data_dir,
+    download=False,
+    decoders={"image": tfds.decode.SkipDecoding()},
+  )
   via_source = [int(decode_png(source[i]["image"])[0, 0, 0]) for i in range(len(source))]
   return via_tf, via_source
 
@@ -390,7 +451,9 @@ def test_tfrecord_dataset_is_converted_in_place(tmp_path):
   builder = prepare.prepare(TINY, data_dir=data_dir, random_access=True)
   assert prepare.has_format(builder, "tfrecord") and prepare.has_format(builder, "array_record")
   assert [f for f in tiny_files(builder) if "-train." in f] == [
-    f"{TINY}-train.array_record-00000-of-00001", f"{TINY}-train.tfrecord-00000-of-00001"]
+    f"{TINY}-train.array_record-00000-of-00001",
+    f"{TINY}-train.tfrecord-00000-of-00001",
+  ]
   via_tf, via_source = read_both_ways(data_dir)
   assert sorted(via_tf) == list(range(6)) and via_source == via_tf  # Same records, same order.
   # Both readers also through the builders TFDS makes anew, as the training code does.
@@ -459,8 +522,9 @@ def test_failed_conversion_leaves_no_partial_data(tmp_path, monkeypatch):
 def test_conversion_checks_record_counts(tmp_path, monkeypatch):
   builder = prepare.prepare(TINY, data_dir=str(tmp_path))
   real_read = prepare._read_records
-  monkeypatch.setattr(prepare, "_read_records",
-                      lambda path, fmt: list(real_read(path, fmt))[:-1])  # A record lost.
+  monkeypatch.setattr(
+    prepare, "_read_records", lambda path, fmt: list(real_read(path, fmt))[:-1]
+  )  # A record lost.
   with pytest.raises(UserError) as err:
     prepare.add_format(builder, "array_record")
   assert_one_sentence(err, "records, not the", "prepare flaxtrain_tiny_images again")
@@ -489,10 +553,15 @@ class FlaxtrainTinyVaryingImages(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-      "image": tfds.features.Image(shape=(None, None, 3)),
-      "label": tfds.features.ClassLabel(names=["cat", "dog"]),
-    }))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "label": tfds.features.ClassLabel(names=["cat", "dog"]),
+        }
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples(6), "test": self._generate_examples(4)}
@@ -511,8 +580,9 @@ def test_cli_default_prepares_varying_size_images_for_streaming_only(tmp_path, c
 def test_cli_default_leaves_both_formats_for_fixed_size_images(tmp_path, capsys):
   code, out, _ = run_cli(capsys, TINY, str(tmp_path))
   assert code == 0  # After TFDS's own lines:
-  assert out.splitlines()[-1] == (f"{TINY} is ready in {tmp_path / TINY / '1.0.0'} "
-                                  "(tfrecord and array_record)")
+  assert out.splitlines()[-1] == (
+    f"{TINY} is ready in {tmp_path / TINY / '1.0.0'} (tfrecord and array_record)"
+  )
   via_tf, via_source = read_both_ways(str(tmp_path))
   assert via_source == via_tf
   assert run_cli(capsys, TINY, str(tmp_path))[0] == 0  # Again: nothing to do.

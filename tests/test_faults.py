@@ -35,10 +35,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 # checkpoints every 25 steps, evals at 40, 80 and 120, a log line every 5 steps.
 STEPS = 120
 COMMAND = [
-    "--config.model.features=(8,16)", "--config.model.dense=(32,)",
-    f"--config.num_train_steps={STEPS}", "--config.checkpoint_every_steps=25",
-    "--config.eval_every_steps=40", "--config.log_every_steps=5",
-    "--config.dataset.train_split=train[:10%]", "--config.dataset.eval_split=test[:1000]",
+  "--config.model.features=(8,16)",
+  "--config.model.dense=(32,)",
+  f"--config.num_train_steps={STEPS}",
+  "--config.checkpoint_every_steps=25",
+  "--config.eval_every_steps=40",
+  "--config.log_every_steps=5",
+  "--config.dataset.train_split=train[:10%]",
+  "--config.dataset.eval_split=test[:1000]",
 ]
 DEVICES = 4
 TRAINING = r"\[\d+\] train_.*train_loss="  # The first train metrics: training runs.
@@ -55,13 +59,19 @@ class Cli:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}"}
     self.workdir = pathlib.Path(workdir)
     self.proc = subprocess.Popen(
-        [sys.executable, "-m", "flaxtrain.main", *COMMAND, *extra, f"--workdir={workdir}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      [sys.executable, "-m", "flaxtrain.main", *COMMAND, *extra, f"--workdir={workdir}"],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
     self.stdout, self.stderr = [], []
     self._lines = queue.Queue()
-    self._readers = [threading.Thread(target=self._read, args=(s, out), daemon=True)
-                     for s, out in ((self.proc.stdout, self.stdout),
-                                    (self.proc.stderr, self.stderr))]
+    self._readers = [
+      threading.Thread(target=self._read, args=(s, out), daemon=True)
+      for s, out in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr))
+    ]
     for r in self._readers:
       r.start()
 
@@ -130,13 +140,13 @@ def latest_step(workdir):
 
 def temporary_dirs(workdir) -> list[str]:
   d = checkpoint_dir(workdir)
-  return [p.name for p in d.iterdir() if checkpointing.TMP_MARKER in p.name] if d.exists() \
-      else []
+  return [p.name for p in d.iterdir() if checkpointing.TMP_MARKER in p.name] if d.exists() else []
 
 
 def metadata_target(step_dir: pathlib.Path):
   """Zeros shaped like the arrays saved in `step_dir`: a restore target without a model."""
   import orbax.checkpoint as ocp
+
   meta = ocp.PyTreeCheckpointHandler().metadata(step_dir / checkpointing.ITEM_NAME)
   return jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), meta.tree)
 
@@ -144,7 +154,8 @@ def metadata_target(step_dir: pathlib.Path):
 @pytest.fixture(scope="module")
 def data_dir():
   if not os.path.isdir(prepare.SYSTEM_COPIES["fashion_mnist"]) and not os.environ.get(
-      "TFDS_DATA_DIR"):
+    "TFDS_DATA_DIR"
+  ):
     pytest.skip("needs Debian's dataset-fashion-mnist (CI installs it) or a TFDS_DATA_DIR")
 
 
@@ -166,8 +177,9 @@ def test_sigterm_saves_where_it_stopped_and_the_same_command_resumes(reference, 
   cli.wait_for(TRAINING)
   cli.signal(signal.SIGTERM)
   assert cli.finish() == 0, cli.log[-4000:]
-  m = re.search(r"Stopped at step (\d+) after a stop signal.*run the same command to resume",
-                cli.log)
+  m = re.search(
+    r"Stopped at step (\d+) after a stop signal.*run the same command to resume", cli.log
+  )
   assert m, cli.log[-4000:]
   stopped = int(m.group(1))
   assert 0 < stopped < STEPS
@@ -238,8 +250,11 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(reference, tmp
       fh.truncate(f.stat().st_size // 2)
 
   cli = run_cli(workdir)
-  assert re.search(rf"The checkpoint at step {STEPS} in \S+ cannot be read \(.+\); trying the "
-                   "previous one", cli.log), cli.log[-4000:]
+  assert re.search(
+    rf"The checkpoint at step {STEPS} in \S+ cannot be read \(.+\); trying the "
+    "previous one",
+    cli.log,
+  ), cli.log[-4000:]
   assert f"Restored the checkpoint at step 100 instead of step {STEPS}" in cli.log
   assert_same_result(workdir, reference)
   aside = [p.name for p in checkpoint_dir(workdir).iterdir() if ".unreadable-" in p.name]
@@ -253,8 +268,9 @@ def test_disk_full_on_a_real_small_filesystem(data_dir, tmp_path):
   mnt = tmp_path / "small"
   mnt.mkdir()
   # Room for the run's files and two checkpoints of the tiny model (~390 KiB each).
-  r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1000k", "tmpfs", str(mnt)],
-                     capture_output=True, text=True)
+  r = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "size=1000k", "tmpfs", str(mnt)], capture_output=True, text=True
+  )
   if r.returncode:
     pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
   try:
@@ -265,9 +281,12 @@ def test_disk_full_on_a_real_small_filesystem(data_dir, tmp_path):
     assert len(errors) == 1, cli.log[-4000:]
     assert cli.stderr[-1] == errors[0]  # The run ends with that sentence, no traceback.
     assert "UserError" not in cli.log
-    m = re.fullmatch(r"flaxtrain: error: No space left on device while saving the checkpoint "
-                     r"at step (\d+) in (\S+); the last complete checkpoint \(step (\d+)\) is "
-                     r"kept: free space or use another --workdir\.\n", errors[0])
+    m = re.fullmatch(
+      r"flaxtrain: error: No space left on device while saving the checkpoint "
+      r"at step (\d+) in (\S+); the last complete checkpoint \(step (\d+)\) is "
+      r"kept: free space or use another --workdir\.\n",
+      errors[0],
+    )
     assert m, errors[0]
     failed, kept = int(m.group(1)), int(m.group(3))
     assert m.group(2) == str(mnt / "run" / "checkpoints")
@@ -285,8 +304,7 @@ def test_disk_full_on_a_real_small_filesystem(data_dir, tmp_path):
 # --------------------------------------------------- in-process: disk full
 
 
-def test_disk_full_in_a_background_save_ends_in_one_sentence(synthetic_data, tmp_path,
-                                                             monkeypatch):
+def test_disk_full_in_a_background_save_ends_in_one_sentence(synthetic_data, tmp_path, monkeypatch):
   from orbax.checkpoint._src.checkpointers import async_checkpointer as orbax_async
 
   commit = orbax_async._on_commit_callback
@@ -302,8 +320,9 @@ def test_disk_full_in_a_background_save_ends_in_one_sentence(synthetic_data, tmp
   with pytest.raises(UserError) as e:
     train.train_and_evaluate(c, str(tmp_path))
   assert str(e.value) == (
-      f"No space left on device while saving the checkpoint at step 16 in {directory}; the "
-      "last complete checkpoint (step 8) is kept: free space or use another --workdir.")
+    f"No space left on device while saving the checkpoint at step 16 in {directory}; the "
+    "last complete checkpoint (step 8) is kept: free space or use another --workdir."
+  )
   assert not (tmp_path / "summary.json").exists()
   assert sorted(p.name for p in directory.iterdir()) == ["8"]
 
@@ -317,8 +336,10 @@ def test_save_errors_other_than_storage_are_not_hidden():
   assert checkpointing.storage_error(ValueError("a bug")) is None
   assert checkpointing.storage_error(KeyError("params")) is None
   nested = ValueError("wrapper")
-  nested.__context__ = ValueError("RESOURCE_EXHAUSTED: Failed to write 5709 bytes to file 4: "
-                                  "No space left on device [os_error_code='28']")
+  nested.__context__ = ValueError(
+    "RESOURCE_EXHAUSTED: Failed to write 5709 bytes to file 4: "
+    "No space left on device [os_error_code='28']"
+  )
   assert checkpointing.storage_error(nested) == "No space left on device"
   assert checkpointing.storage_error(OSError(errno.EDQUOT, "quota")) == "Disk quota exceeded"
   assert checkpointing.storage_error(OSError(errno.EACCES, "no")) == "Permission denied"
@@ -328,8 +349,10 @@ def test_save_errors_other_than_storage_are_not_hidden():
 
 
 def _small_state(step):
-  return {"step": jnp.int32(step),
-          "params": {"w": jnp.arange(1000.0) + step, "b": jnp.ones(7) * step}}
+  return {
+    "step": jnp.int32(step),
+    "params": {"w": jnp.arange(1000.0) + step, "b": jnp.ones(7) * step},
+  }
 
 
 def _two_checkpoints(directory):
@@ -346,6 +369,7 @@ def _truncate(pattern):
     for f in files:
       with open(f, "r+b") as fh:
         fh.truncate(f.stat().st_size // 2)
+
   return damage
 
 
@@ -355,6 +379,7 @@ def _delete(pattern):
     assert paths, pattern
     for p in paths:
       shutil.rmtree(p) if p.is_dir() else p.unlink()
+
   return damage
 
 
@@ -367,13 +392,13 @@ def _flip_a_bit(step_dir):
 
 
 DAMAGE = {
-    "truncated data": _truncate("default/ocdbt.process_0/d/*"),
-    "deleted data": _delete("default/ocdbt.process_0/d/*"),
-    "truncated manifest": _truncate("default/manifest.ocdbt"),
-    "truncated array metadata": _truncate("default/_METADATA"),
-    "deleted step metadata": _delete("_CHECKPOINT_METADATA"),
-    "empty step directory": _delete("*"),
-    "flipped bit": _flip_a_bit,
+  "truncated data": _truncate("default/ocdbt.process_0/d/*"),
+  "deleted data": _delete("default/ocdbt.process_0/d/*"),
+  "truncated manifest": _truncate("default/manifest.ocdbt"),
+  "truncated array metadata": _truncate("default/_METADATA"),
+  "deleted step metadata": _delete("_CHECKPOINT_METADATA"),
+  "empty step directory": _delete("*"),
+  "flipped bit": _flip_a_bit,
 }
 
 
@@ -388,8 +413,14 @@ def test_unreadable_latest_warns_and_restores_the_previous(tmp_path, damage, cap
   assert step == 10
   np.testing.assert_array_equal(state["params"]["w"], np.arange(1000.0) + 10)
   warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-  assert any(re.search(r"checkpoint at step 20 in .* cannot be read \(.+\); trying the "
-                       "previous one", w) for w in warnings), warnings
+  assert any(
+    re.search(
+      r"checkpoint at step 20 in .* cannot be read \(.+\); trying the "
+      "previous one",
+      w,
+    )
+    for w in warnings
+  ), warnings
   # Moved aside, so that the run can save step 20 again.
   assert ckpt.latest_step() == 10
   assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["10", "20.unreadable"]
@@ -410,11 +441,16 @@ def test_no_readable_checkpoint_is_a_user_error(tmp_path):
   _two_checkpoints(tmp_path)
   for step in ("10", "20"):
     _truncate("default/ocdbt.process_0/d/*")(tmp_path / step)
-  with pytest.raises(UserError, match=r"None of the checkpoints in .* can be read \(steps 20, "
-                     r"10; step 20: .*\): use a new --workdir"):
+  with pytest.raises(
+    UserError,
+    match=r"None of the checkpoints in .* can be read \(steps 20, "
+    r"10; step 20: .*\): use a new --workdir",
+  ):
     checkpointing.Checkpointer(str(tmp_path)).restore_latest(_small_state(0))
-  assert checkpointing.Checkpointer(str(tmp_path / "empty")).restore_latest(
-      _small_state(0)) == (None, None)
+  assert checkpointing.Checkpointer(str(tmp_path / "empty")).restore_latest(_small_state(0)) == (
+    None,
+    None,
+  )
 
 
 def test_leftover_temporary_directories_are_ignored_and_removed(tmp_path):
@@ -454,8 +490,7 @@ def test_other_model_width_names_the_entry_and_both_shapes(trained, synthetic_da
     _rerun_in(trained, tmp_path, **{"model.dense": (64,)})
   message = str(e.value)
   assert "(the model differs)" in message
-  assert "entry params/Dense_0/bias is (32,) in the checkpoint but (64,) in the config" \
-      in message
+  assert "entry params/Dense_0/bias is (32,) in the checkpoint but (64,) in the config" in message
   assert "params/Dense_0/kernel: (784, 32) vs (784, 64)" in message
   assert message.endswith("use a new --workdir or the config that wrote it.")
 
@@ -465,8 +500,11 @@ def test_other_optimizer_is_caught(trained, synthetic_data, tmp_path):
     _rerun_in(trained, tmp_path, **{"optimizer.name": "sgd"})
   message = str(e.value)
   assert "(the optimizer differs)" in message
-  assert re.search(r"entry opt_state/\S+ is (\(.*\)|missing) in the checkpoint but "
-                   r"(\(.*\)|missing) in the config", message), message
+  assert re.search(
+    r"entry opt_state/\S+ is (\(.*\)|missing) in the checkpoint but "
+    r"(\(.*\)|missing) in the config",
+    message,
+  ), message
   assert "use a new --workdir" in message
 
 
@@ -475,6 +513,7 @@ def test_other_optimizer_is_caught(trained, synthetic_data, tmp_path):
 
 def _replicated(tree):
   from flaxtrain import parallel
+
   par = parallel.DataParallel()
   return jax.device_put(tree, par.sharding(parallel.REPLICATED))
 
@@ -489,9 +528,12 @@ def test_load_params_from_a_workdir_or_a_step(trained):
     for got, like in zip(jax.tree.leaves(params), jax.tree.leaves(target), strict=True):
       assert got.sharding == like.sharding
   wider = dict(target, Dense_0={"bias": jnp.zeros(64), "kernel": jnp.zeros((784, 64))})
-  with pytest.raises(UserError, match=r"\(the model differs\): entry params/Dense_0/bias is "
-                     r"\(32,\) in the checkpoint but \(64,\) in the config.*pass a checkpoint "
-                     "of the same model in init_from"):
+  with pytest.raises(
+    UserError,
+    match=r"\(the model differs\): entry params/Dense_0/bias is "
+    r"\(32,\) in the checkpoint but \(64,\) in the config.*pass a checkpoint "
+    "of the same model in init_from",
+  ):
     checkpointing.load_params(str(trained), wider)
   with pytest.raises(UserError, match="does not exist"):
     checkpointing.load_params(str(trained / "nope"), target)
@@ -504,8 +546,11 @@ def test_load_params_falls_back_but_not_for_a_named_step(tmp_path):
   params = checkpointing.load_params(str(tmp_path), target)
   np.testing.assert_array_equal(params["w"], np.arange(1000.0) + 10)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["10", "20"]  # Nothing written.
-  with pytest.raises(UserError, match=r"The checkpoint at step 20 in .* cannot be read "
-                     r"\(.+\): pass another checkpoint in init_from"):
+  with pytest.raises(
+    UserError,
+    match=r"The checkpoint at step 20 in .* cannot be read "
+    r"\(.+\): pass another checkpoint in init_from",
+  ):
     checkpointing.load_params(str(tmp_path / "20"), target)
 
 

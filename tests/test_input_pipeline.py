@@ -8,12 +8,19 @@ from flaxtrain.data import memory, plan
 from flaxtrain.errors import UserError
 
 
-def _pipe(devices=None, n_train=1000, n_eval=10_000, batch=64, eval_batch=256, on_device="auto",
-          seed=0):
+def _pipe(
+  devices=None, n_train=1000, n_eval=10_000, batch=64, eval_batch=256, on_device="auto", seed=0
+):
   par = parallel.DataParallel(devices)
   return memory.MemorySource(
-      synthetic_split(n_train, 0), synthetic_split(n_eval, 1), par=par, seed=seed,
-      batch_size=batch, eval_batch_size=eval_batch, on_device=on_device)
+    synthetic_split(n_train, 0),
+    synthetic_split(n_eval, 1),
+    par=par,
+    seed=seed,
+    batch_size=batch,
+    eval_batch_size=eval_batch,
+    on_device=on_device,
+  )
 
 
 def _per_device_labels(batches: plan.Batches, split: dict):
@@ -63,8 +70,9 @@ def test_batches_do_not_depend_on_device_count_or_layout():
     np.testing.assert_array_equal(got, ref)
 
 
-@pytest.mark.parametrize("n_eval,eval_batch,devices", [(10_000, 256, 4), (10_000, 1000, 3),
-                                                       (9_999, 256, 4), (7, 256, 2)])
+@pytest.mark.parametrize(
+  "n_eval,eval_batch,devices", [(10_000, 256, 4), (10_000, 1000, 3), (9_999, 256, 4), (7, 256, 2)]
+)
 def test_eval_counts_every_example_exactly_once(n_eval, eval_batch, devices):
   pipe = _pipe(devices=jax.devices()[:devices], n_eval=n_eval, eval_batch=eval_batch)
   idx, mask = pipe.plan.eval_indices()
@@ -82,11 +90,16 @@ def test_batch_larger_than_dataset_is_refused():
 def test_index_plan_is_safe_for_input_threads_at_epoch_boundaries():
   from concurrent.futures import ThreadPoolExecutor
 
-  p = plan.IndexPlan(num_train=5000, num_eval=10, batch_size=100, eval_batch_size=10,
-                     num_devices=1, seed=3)
+  p = plan.IndexPlan(
+    num_train=5000, num_eval=10, batch_size=100, eval_batch_size=10, num_devices=1, seed=3
+  )
   steps = [s for e in range(6) for s in (e * 50 + 49, e * 50 + 50)] * 20  # Alternate epochs.
-  expected = {s: plan.IndexPlan(num_train=5000, num_eval=10, batch_size=100, eval_batch_size=10,
-                                num_devices=1, seed=3).step_indices(s) for s in set(steps)}
+  expected = {
+    s: plan.IndexPlan(
+      num_train=5000, num_eval=10, batch_size=100, eval_batch_size=10, num_devices=1, seed=3
+    ).step_indices(s)
+    for s in set(steps)
+  }
   with ThreadPoolExecutor(8) as pool:
     got = list(pool.map(p.step_indices, steps))
   assert all(np.array_equal(g, expected[s]) for s, g in zip(steps, got, strict=True))

@@ -51,15 +51,19 @@ def test_unknown_model_lists_valid_names():
 # Every registered model, at the sizes where published counts exist: torchvision's
 # ResNets (1000 classes, RGB), WRN-28-10 on CIFAR-10 (36.5M in the paper).
 REGISTRY_COUNTS = {
-    "cnn": ({"features": (32, 64), "dense": (256,)}, 10, (28, 28, 1), 824_458),
-    "mlp": ({"hidden": (128,)}, 10, (28, 28, 1), 101_770),
-    "resnet18": ({}, 1000, (224, 224, 3), 11_689_512),
-    "resnet34": ({}, 1000, (224, 224, 3), 21_797_672),
-    "resnet50": ({}, 1000, (224, 224, 3), 25_557_032),
-    "resnet_small": ({"stage_sizes": (2, 2, 2, 2), "width": 64}, 10, (32, 32, 3), 11_173_962),
-    "wide_resnet": ({"depth": 28, "widen": 10}, 10, (32, 32, 3), 36_479_194),
-    "autoencoder": ({"encoder": (256, 128), "latent": 32, "decoder": (128, 256)}, 10,
-                    (28, 28, 1), 476_720),
+  "cnn": ({"features": (32, 64), "dense": (256,)}, 10, (28, 28, 1), 824_458),
+  "mlp": ({"hidden": (128,)}, 10, (28, 28, 1), 101_770),
+  "resnet18": ({}, 1000, (224, 224, 3), 11_689_512),
+  "resnet34": ({}, 1000, (224, 224, 3), 21_797_672),
+  "resnet50": ({}, 1000, (224, 224, 3), 25_557_032),
+  "resnet_small": ({"stage_sizes": (2, 2, 2, 2), "width": 64}, 10, (32, 32, 3), 11_173_962),
+  "wide_resnet": ({"depth": 28, "widen": 10}, 10, (32, 32, 3), 36_479_194),
+  "autoencoder": (
+    {"encoder": (256, 128), "latent": 32, "decoder": (128, 256)},
+    10,
+    (28, 28, 1),
+    476_720,
+  ),
 }
 
 
@@ -70,6 +74,7 @@ def test_every_registered_model_has_a_pinned_count():
 @pytest.mark.parametrize("name", sorted(REGISTRY_COUNTS))
 def test_registered_model_parameter_counts(name):
   import ml_collections
+
   fields, classes, shape, count = REGISTRY_COUNTS[name]
   cfg = ml_collections.ConfigDict({"name": name, **fields})
   model = models.get(cfg, classes, image_shape=shape)
@@ -87,6 +92,7 @@ def test_im2col_conv_is_xlas_convolution_with_the_same_gradients():
   from jax import lax
 
   from flaxtrain.models import im2col
+
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((3, 9, 7, 5)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((3, 3, 5, 4)), jnp.float32)
@@ -106,6 +112,7 @@ def test_im2col_falls_back_to_xla_for_other_convolutions():
   from jax import lax
 
   from flaxtrain.models import im2col
+
   x = jnp.ones((1, 8, 8, 2))
   w = jnp.ones((5, 5, 2, 3))
   dn = lax.conv_dimension_numbers(x.shape, w.shape, im2col.NHWC)
@@ -117,19 +124,26 @@ def test_im2col_falls_back_to_xla_for_other_convolutions():
   w3 = jnp.asarray(np.random.default_rng(2).standard_normal((3, 3, 2, 3)), jnp.float32)
   dn3 = lax.conv_dimension_numbers(x.shape, w3.shape, im2col.NHWC)
   want = lax.conv_general_dilated(x, w3, (1, 1), "SAME", dimension_numbers=dn3)
-  limited = im2col.conv_general_dilated(x, w3, (1, 1), "SAME", dimension_numbers=dn3,
-                                        max_patch_bytes=x.size * 9 * 4 - 1)
+  limited = im2col.conv_general_dilated(
+    x, w3, (1, 1), "SAME", dimension_numbers=dn3, max_patch_bytes=x.size * 9 * 4 - 1
+  )
   np.testing.assert_array_equal(limited, want)
-  jaxpr = jax.make_jaxpr(lambda x: im2col.conv_general_dilated(
-      x, w3, (1, 1), "SAME", dimension_numbers=dn3, max_patch_bytes=x.size * 9 * 4))(x)
+  jaxpr = jax.make_jaxpr(
+    lambda x: im2col.conv_general_dilated(
+      x, w3, (1, 1), "SAME", dimension_numbers=dn3, max_patch_bytes=x.size * 9 * 4
+    )
+  )(x)
   assert "conv_general_dilated" not in str(jaxpr)  # At the limit: im2col (a matmul).
 
 
 def test_cnn_conv_implementations_share_parameters_and_outputs():
   import ml_collections
+
   x = jnp.asarray(np.random.default_rng(1).random((4, 28, 28, 1)), jnp.float32)
-  cfgs = {impl: ml_collections.ConfigDict(dict(name="cnn", features=(8, 16), dense=(32,),
-                                               conv=impl)) for impl in ("xla", "im2col")}
+  cfgs = {
+    impl: ml_collections.ConfigDict(dict(name="cnn", features=(8, 16), dense=(32,), conv=impl))
+    for impl in ("xla", "im2col")
+  }
   a, b = (models.get(c, 10, image_shape=(28, 28, 1)) for c in cfgs.values())
   variables = a.init(jax.random.key(0), x)
   assert jax.tree.structure(variables) == jax.tree.structure(b.init(jax.random.key(0), x))

@@ -38,8 +38,9 @@ def _listing(path):
 
 
 def test_describe_reports_changes_sizes_params_and_time(run):
-  text = describe.describe(run.exp, load_config("fashion_cnn"), "configs/fashion_cnn.py",
-                           timed_steps=2)
+  text = describe.describe(
+    run.exp, load_config("fashion_cnn"), "configs/fashion_cnn.py", timed_steps=2
+  )
   assert "model.features" in text and "[32, 64] -> [8, 16]" in text
   assert "2,048 train / 500 eval examples of 28x28x1, 10 classes" in text
   assert "= 16 per device; 32 steps per epoch; 64 steps (2 epochs)" in text
@@ -104,8 +105,9 @@ def test_export_round_trip(run):
   assert jax.tree.all(jax.tree.map(np.array_equal, loaded, variables))
   images = run.exp.data.eval["image"]
   for n in (3, 7):  # The batch dimension is symbolic.
-    expected = jax.nn.softmax(run.exp.model.apply(
-        variables, train.preprocess(images[:n], run.exp.dtype), train=False))
+    expected = jax.nn.softmax(
+      run.exp.model.apply(variables, train.preprocess(images[:n], run.exp.dtype), train=False)
+    )
     np.testing.assert_allclose(exported.call(images[:n]), expected, atol=1e-5)
   meta = json.loads((out / "metadata.json").read_text())
   assert meta["step"] == 64 and meta["input"]["shape"] == ["batch", 28, 28, 1]
@@ -115,8 +117,7 @@ def test_export_round_trip(run):
     assert sys.version_info >= (3, 12), "no SavedModel with the pinned TF/jax of CI"
     return
   serve = tf.saved_model.load(str(out / "saved_model")).signatures["serving_default"]
-  np.testing.assert_allclose(serve(images=images[:5])["output_0"].numpy(), expected[:5],
-                             atol=1e-5)
+  np.testing.assert_allclose(serve(images=images[:5])["output_0"].numpy(), expected[:5], atol=1e-5)
 
 
 def test_reconstruction_report_and_export(tmp_path, synthetic_data):
@@ -152,12 +153,14 @@ def test_staged_dir_keeps_the_old_one_on_failure(tmp_path):
 def test_restore_errors_are_sentences(run, tmp_path):
   with pytest.raises(UserError, match="does not exist"):
     evaluate.check_run(str(tmp_path / "nope"), "latest")
-  with pytest.raises(UserError, match="has no checkpoint at step 5: pass --step=latest, best "
-                     "or one of 32, 64"):
+  with pytest.raises(
+    UserError, match="has no checkpoint at step 5: pass --step=latest, best or one of 32, 64"
+  ):
     evaluate.check_run(str(run.workdir), 5)
 
 
 # ------------------------------------------------------------------ the CLI
+
 
 def _no_events_run(run, tmp_path):
   workdir = tmp_path / "no_events"
@@ -166,21 +169,25 @@ def _no_events_run(run, tmp_path):
 
 
 CLI_ERRORS = [
-    (["--mode=eval"], "missing", "does not exist: pass the --workdir of a run"),
-    (["--mode=export"], "empty", "has no checkpoints"),
-    (["--mode=eval", "--step=999"], "run", "has no checkpoint at step 999"),
-    (["--mode=report", "--step=first"], "run", "--step=first is not a checkpoint"),
-    (["--mode=report"], "no_events", "has no TensorBoard event files"),
-    (["--mode=train", "--step=32"], "run", "--step is for --mode=eval, report and export"),
+  (["--mode=eval"], "missing", "does not exist: pass the --workdir of a run"),
+  (["--mode=export"], "empty", "has no checkpoints"),
+  (["--mode=eval", "--step=999"], "run", "has no checkpoint at step 999"),
+  (["--mode=report", "--step=first"], "run", "--step=first is not a checkpoint"),
+  (["--mode=report"], "no_events", "has no TensorBoard event files"),
+  (["--mode=train", "--step=32"], "run", "--step is for --mode=eval, report and export"),
 ]
 
 
-@pytest.mark.parametrize("args,where,needle", CLI_ERRORS,
-                         ids=[" ".join(a) + f" {w}" for a, w, _ in CLI_ERRORS])
+@pytest.mark.parametrize(
+  "args,where,needle", CLI_ERRORS, ids=[" ".join(a) + f" {w}" for a, w, _ in CLI_ERRORS]
+)
 def test_cli_errors_are_one_sentence_and_write_nothing(run, tmp_path, args, where, needle):
-  workdir = {"missing": lambda: tmp_path / "missing", "run": lambda: run.workdir,
-             "empty": lambda: tmp_path, "no_events": lambda: _no_events_run(run, tmp_path)}[
-                 where]()
+  workdir = {
+    "missing": lambda: tmp_path / "missing",
+    "run": lambda: run.workdir,
+    "empty": lambda: tmp_path,
+    "no_events": lambda: _no_events_run(run, tmp_path),
+  }[where]()
   before = _listing(workdir) if workdir.exists() else None
   r = flaxtrain(*args, f"--workdir={workdir}")
   assert r.returncode != 0
@@ -193,8 +200,12 @@ def test_cli_errors_are_one_sentence_and_write_nothing(run, tmp_path, args, wher
 @pytest.mark.slow
 def test_cli_describe_fashion_cnn_writes_nothing(tmp_path, real_data_dir):
   workdir = tmp_path / "run"
-  r = flaxtrain("--mode=describe", f"--workdir={workdir}", "--config.optimizer.learning_rate=0.001",
-                env={"TFDS_DATA_DIR": real_data_dir})
+  r = flaxtrain(
+    "--mode=describe",
+    f"--workdir={workdir}",
+    "--config.optimizer.learning_rate=0.001",
+    env={"TFDS_DATA_DIR": real_data_dir},
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   assert "optimizer.learning_rate  0.002 -> 0.001" in r.stdout
   assert "Total: 824,458" in r.stdout

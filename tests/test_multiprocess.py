@@ -15,8 +15,9 @@ from conftest import ROOT, TINY_FLAGS
 
 pytestmark = pytest.mark.slow
 
-_spec = importlib.util.spec_from_file_location("topology_check",
-                                               ROOT / "scripts" / "topology_check.py")
+_spec = importlib.util.spec_from_file_location(
+  "topology_check", ROOT / "scripts" / "topology_check.py"
+)
 topology = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(topology)
 
@@ -32,13 +33,26 @@ def _summary(workdir):
 
 
 def _start(workdir, port, data_dir, steps, *extra, processes=2, ids=None):
-  cmd = topology._cmd(workdir, steps, _flags(data_dir, "--config.checkpoint_every_steps=10",
-                                             *extra))
-  return [subprocess.Popen(
-      cmd + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
-             f"--process_id={i}"], env=topology._env(2), cwd=ROOT, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True, start_new_session=True)
-      for i in (ids if ids is not None else range(processes))]
+  cmd = topology._cmd(
+    workdir, steps, _flags(data_dir, "--config.checkpoint_every_steps=10", *extra)
+  )
+  return [
+    subprocess.Popen(
+      cmd
+      + [
+        f"--coordinator_address=127.0.0.1:{port}",
+        f"--num_processes={processes}",
+        f"--process_id={i}",
+      ],
+      env=topology._env(2),
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      start_new_session=True,
+    )
+    for i in (ids if ids is not None else range(processes))
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +75,8 @@ def test_two_processes_match_one_process(two_by_two):
 
 
 def test_topology_invariant_run_on_two_processes_is_bitwise_the_one_device_run(
-    real_data_dir, tmp_path):
+  real_data_dir, tmp_path
+):
   """--config.topology_invariant_shards: 2 processes x 2 devices == 1 device, bit for bit."""
   extra = _flags(real_data_dir, "--config.topology_invariant_shards=4")
   topology.run_multi(tmp_path / "multi", 2, 2, STEPS, extra, timeout=600)
@@ -73,14 +88,14 @@ def test_topology_invariant_run_on_two_processes_is_bitwise_the_one_device_run(
   assert abs(multi["eval_loss"] - one["eval_loss"]) <= 1e-6  # Eval sums in device order.
 
 
-def test_killed_multiprocess_run_resumes_from_its_checkpoint(two_by_two, real_data_dir,
-                                                             tmp_path):
+def test_killed_multiprocess_run_resumes_from_its_checkpoint(two_by_two, real_data_dir, tmp_path):
   workdir = tmp_path / "killed"
   procs = _start(workdir, topology._free_port(), real_data_dir, STEPS)
   ckpt = workdir / "checkpoints"
   deadline = time.time() + 300
-  while time.time() < deadline and not any(p.name.isdigit() for p in
-                                           (ckpt.iterdir() if ckpt.exists() else [])):
+  while time.time() < deadline and not any(
+    p.name.isdigit() for p in (ckpt.iterdir() if ckpt.exists() else [])
+  ):
     time.sleep(0.2)
   for p in procs:
     os.killpg(p.pid, signal.SIGKILL)
@@ -102,14 +117,20 @@ def test_streamed_batches_are_the_same_on_two_processes_and_any_worker_count(tmp
   from conftest import make_image_dataset
 
   make_image_dataset(tmp_path / "tfds", "flaxtrain_mp_jpeg", 256, 64)
-  extra = [*TINY_FLAGS, f"--config.dataset.data_dir={tmp_path / 'tfds'}",
-           "--config.dataset.name=flaxtrain_mp_jpeg", "--config.dataset.image_size=24",
-           "--config.augment.random_resized_crop=true", "--config.augment.flip=true",
-           "--config.topology_invariant_shards=4", "--config.eval_batch_size=40"]
-  topology.run_multi(tmp_path / "multi", 2, 2, 6, [*extra, "--config.dataset.workers=2"],
-                     timeout=600)
-  topology.run_single(tmp_path / "one", 1, 6, [*extra, "--config.dataset.workers=0"],
-                      timeout=600)
+  extra = [
+    *TINY_FLAGS,
+    f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+    "--config.dataset.name=flaxtrain_mp_jpeg",
+    "--config.dataset.image_size=24",
+    "--config.augment.random_resized_crop=true",
+    "--config.augment.flip=true",
+    "--config.topology_invariant_shards=4",
+    "--config.eval_batch_size=40",
+  ]
+  topology.run_multi(
+    tmp_path / "multi", 2, 2, 6, [*extra, "--config.dataset.workers=2"], timeout=600
+  )
+  topology.run_single(tmp_path / "one", 1, 6, [*extra, "--config.dataset.workers=0"], timeout=600)
   a, b = topology.load_params(tmp_path / "multi"), topology.load_params(tmp_path / "one")
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
   multi, one = _summary(tmp_path / "multi"), _summary(tmp_path / "one")
@@ -123,16 +144,30 @@ def test_a_bad_record_on_one_process_stops_every_process_in_one_sentence(tmp_pat
   from conftest import make_image_dataset
 
   make_image_dataset(tmp_path / "tfds", "flaxtrain_mp_bad", 256, 32, corrupt={5})
-  cmd = topology._cmd(tmp_path / "w", 8, [*TINY_FLAGS, "--config.dataset.name=flaxtrain_mp_bad",
-                                          f"--config.dataset.data_dir={tmp_path / 'tfds'}",
-                                          "--config.dataset.image_size=24",
-                                          "--config.log_every_steps=2",
-                                          "--config.dataset.workers=1"])
+  cmd = topology._cmd(
+    tmp_path / "w",
+    8,
+    [
+      *TINY_FLAGS,
+      "--config.dataset.name=flaxtrain_mp_bad",
+      f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+      "--config.dataset.image_size=24",
+      "--config.log_every_steps=2",
+      "--config.dataset.workers=1",
+    ],
+  )
   port = topology._free_port()
-  procs = [subprocess.Popen(cmd + [f"--coordinator_address=127.0.0.1:{port}",
-                                   "--num_processes=2", f"--process_id={i}"],
-                            env=topology._env(2), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      cmd + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      env=topology._env(2),
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=300)[0] for p in procs]
   for p, out in zip(procs, outs, strict=True):
     errors = [line for line in out.splitlines() if line.startswith("flaxtrain: error:")]
@@ -144,8 +179,9 @@ def test_a_bad_record_on_one_process_stops_every_process_in_one_sentence(tmp_pat
 def test_missing_process_is_a_clear_error_within_the_timeout(real_data_dir, tmp_path):
   port = topology._free_port()
   start = time.time()
-  (proc,) = _start(tmp_path / "w", port, real_data_dir, STEPS,
-                   "--initialization_timeout=10", ids=[0])
+  (proc,) = _start(
+    tmp_path / "w", port, real_data_dir, STEPS, "--initialization_timeout=10", ids=[0]
+  )
   out = proc.communicate(timeout=120)[0]
   assert proc.returncode != 0
   assert time.time() - start < 90
@@ -156,11 +192,18 @@ def test_missing_process_is_a_clear_error_within_the_timeout(real_data_dir, tmp_
 
 def test_workdir_not_shared_between_processes_is_refused(real_data_dir, tmp_path):
   port = topology._free_port()
-  procs = [subprocess.Popen(
-      topology._cmd(tmp_path / f"local_disk_{i}", STEPS, _flags(real_data_dir)) + [
-          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      env=topology._env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      topology._cmd(tmp_path / f"local_disk_{i}", STEPS, _flags(real_data_dir))
+      + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      env=topology._env(2),
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=300)[0] for p in procs]
   for p, out in zip(procs, outs, strict=True):
     assert p.returncode != 0
@@ -179,6 +222,7 @@ def test_scripts_parse_and_explain_themselves():
 
 def test_shellcheck_is_clean():
   import shutil
+
   if not shutil.which("shellcheck"):
     pytest.skip("shellcheck not installed (CI installs it)")
   scripts = [str(p) for p in (ROOT / "scripts").iterdir() if p.suffix in (".sh", ".sbatch")]
@@ -188,28 +232,70 @@ def test_shellcheck_is_clean():
 
 def test_tpu_vm_dry_run_prints_the_gcloud_commands():
   r = subprocess.run(
-      ["bash", str(ROOT / "scripts" / "tpu_vm.sh"), "up", "--name=ft", "--zone=us-central2-b",
-       "--project=my-project", "--tpu-type=v4-32", "--workdir=gs://my-bucket/runs/x", "--data-dir=gs://my-bucket/tfds",
-       "--dry-run"], capture_output=True, text=True, cwd=ROOT)
+    [
+      "bash",
+      str(ROOT / "scripts" / "tpu_vm.sh"),
+      "up",
+      "--name=ft",
+      "--zone=us-central2-b",
+      "--project=my-project",
+      "--tpu-type=v4-32",
+      "--workdir=gs://my-bucket/runs/x",
+      "--data-dir=gs://my-bucket/tfds",
+      "--dry-run",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
   assert r.returncode == 0, r.stderr
   assert "gcloud compute tpus tpu-vm create ft" in r.stdout
   assert "--worker=all" in r.stdout and "flaxtrain" in r.stdout
   bad = subprocess.run(
-      ["bash", str(ROOT / "scripts" / "tpu_vm.sh"), "up", "--name=ft", "--zone=us-central2-b",
-       "--project=my-project", "--tpu-type=v4-32", "--workdir=/local/dir", "--dry-run"],
-      capture_output=True, text=True, cwd=ROOT)
+    [
+      "bash",
+      str(ROOT / "scripts" / "tpu_vm.sh"),
+      "up",
+      "--name=ft",
+      "--zone=us-central2-b",
+      "--project=my-project",
+      "--tpu-type=v4-32",
+      "--workdir=/local/dir",
+      "--dry-run",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
   assert bad.returncode != 0 and "gs://" in bad.stderr
 
 
 def _tpu_vm_dry_run(*args):
   return subprocess.run(
-      ["bash", str(ROOT / "scripts" / "tpu_vm.sh"), "--name=ft", "--zone=us-central2-b",
-       "--project=my-project", "--dry-run", *args], capture_output=True, text=True, cwd=ROOT)
+    [
+      "bash",
+      str(ROOT / "scripts" / "tpu_vm.sh"),
+      "--name=ft",
+      "--zone=us-central2-b",
+      "--project=my-project",
+      "--dry-run",
+      *args,
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
 
 
 def test_tpu_vm_data_bucket_is_mounted_with_gcsfuse_and_becomes_tfds_data_dir():
-  r = _tpu_vm_dry_run("up", "--tpu-type=v4-32", "--workdir=gs://my-bucket/runs/x",
-                      "--data-bucket=gs://my-bucket/tfds", "--", "--config.num_epochs=1")
+  r = _tpu_vm_dry_run(
+    "up",
+    "--tpu-type=v4-32",
+    "--workdir=gs://my-bucket/runs/x",
+    "--data-bucket=gs://my-bucket/tfds",
+    "--",
+    "--config.num_epochs=1",
+  )
   assert r.returncode == 0, r.stderr
   lines = r.stdout.splitlines()
   mount = [ln for ln in lines if "gcsfuse" in ln]
@@ -217,8 +303,10 @@ def test_tpu_vm_data_bucket_is_mounted_with_gcsfuse_and_becomes_tfds_data_dir():
   assert "gcsfuse-$(lsb_release -c -s)" in mount[0]
   assert "apt-get -o DPkg::Lock::Timeout=600 install -y -q gcsfuse" in mount[0]
   assert 'mountpoint -q "$M"' in mount[0] and "M=/mnt/flaxtrain-data" in mount[0]
-  assert ("gcsfuse --implicit-dirs -o ro --metadata-cache-ttl-secs=-1" in mount[0]
-          and '--only-dir=tfds my-bucket "$M"' in mount[0])
+  assert (
+    "gcsfuse --implicit-dirs -o ro --metadata-cache-ttl-secs=-1" in mount[0]
+    and '--only-dir=tfds my-bucket "$M"' in mount[0]
+  )
   assert 'ls -R "$M"' in mount[0]
   start = [ln for ln in lines if "bin/flaxtrain" in ln]
   assert len(start) == 1 and "--worker=all" in start[0], r.stdout
@@ -226,20 +314,29 @@ def test_tpu_vm_data_bucket_is_mounted_with_gcsfuse_and_becomes_tfds_data_dir():
   assert "--config.dataset.data_dir" not in start[0]
   # Mounted (install) before flaxtrain starts (run), which first checks the mount.
   assert lines.index(mount[0]) < lines.index(start[0])
-  assert any("mountpoint -q /mnt/flaxtrain-data" in ln for ln in lines[lines.index(mount[0]) + 1:])
+  assert any("mountpoint -q /mnt/flaxtrain-data" in ln for ln in lines[lines.index(mount[0]) + 1 :])
 
   # A data dir among the flaxtrain flags wins: no TFDS_DATA_DIR.
-  r = _tpu_vm_dry_run("run", "--tpu-type=v4-32", "--workdir=gs://my-bucket/runs/x",
-                      "--data-mount=/data/tfds", "--", "--config.dataset.data_dir=/other")
+  r = _tpu_vm_dry_run(
+    "run",
+    "--tpu-type=v4-32",
+    "--workdir=gs://my-bucket/runs/x",
+    "--data-mount=/data/tfds",
+    "--",
+    "--config.dataset.data_dir=/other",
+  )
   assert r.returncode == 0, r.stderr
   assert "TFDS_DATA_DIR" not in r.stdout and "--config.dataset.data_dir=/other" in r.stdout
 
 
-@pytest.mark.parametrize("bad", [
+@pytest.mark.parametrize(
+  "bad",
+  [
     ["--data-bucket=my-bucket/tfds"],
     ["--data-bucket=gs://my-bucket/tfds", "--data-dir=gs://my-bucket/tfds"],
     ["--data-bucket=gs://my-bucket/tfds", "--data-mount=relative/dir"],
-])
+  ],
+)
 def test_tpu_vm_bad_data_bucket_fails_before_any_gcloud_command(bad):
   r = _tpu_vm_dry_run("up", "--tpu-type=v4-32", "--workdir=gs://my-bucket/runs/x", *bad)
   assert r.returncode != 0

@@ -22,8 +22,15 @@ class _Clock:
 
 
 def _bar(stream, clock, process_index=0):
-  return progress.Progress(total_steps=100, steps_per_epoch=10, batch_size=32, stream=stream,
-                           process_index=process_index, min_interval_s=0.0, clock=clock)
+  return progress.Progress(
+    total_steps=100,
+    steps_per_epoch=10,
+    batch_size=32,
+    stream=stream,
+    process_index=process_index,
+    min_interval_s=0.0,
+    clock=clock,
+  )
 
 
 def _last_line(text: str) -> str:
@@ -75,8 +82,7 @@ def test_log_records_erase_the_bar_first():
   assert stream.getvalue().endswith("\r\x1b[K")
   bar.close()
   assert stream.getvalue().endswith("\r\x1b[K")  # Nothing left on the line to keep.
-  assert not any(isinstance(f, type(bar._log_filter))
-                 for f in logging.get_absl_handler().filters)
+  assert not any(isinstance(f, type(bar._log_filter)) for f in logging.get_absl_handler().filters)
 
 
 def test_without_a_plan_the_bar_still_counts_steps():

@@ -27,8 +27,9 @@ def data_dir(tmp_path_factory):
   """A variable-size JPEG dataset (ArrayRecord) and a fixed-size PNG one (TFRecord)."""
   root = tmp_path_factory.mktemp("tfds")
   make_image_dataset(root, VARY, 512, 100)
-  make_image_dataset(root, FIXED, 256, 100, shape=(28, 28), encoding="png", channels=1,
-                     file_format="tfrecord")
+  make_image_dataset(
+    root, FIXED, 256, 100, shape=(28, 28), encoding="png", channels=1, file_format="tfrecord"
+  )
   return str(root)
 
 
@@ -62,8 +63,8 @@ def test_random_resized_crop_stays_inside_and_follows_its_rng():
     h, w = rng.integers(10, 600, 2)
     y, x, ch, cw = preprocess.random_resized_crop_box(rng, h, w, (0.08, 1.0), (0.75, 4 / 3))
     assert 0 <= y and 0 <= x and 0 < ch and 0 < cw and y + ch <= h and x + cw <= w
-  a = preprocess.random_resized_crop_box(np.random.default_rng(5), 300, 400, (0.08, 1), (.75, 1.3))
-  b = preprocess.random_resized_crop_box(np.random.default_rng(5), 300, 400, (0.08, 1), (.75, 1.3))
+  a = preprocess.random_resized_crop_box(np.random.default_rng(5), 300, 400, (0.08, 1), (0.75, 1.3))
+  b = preprocess.random_resized_crop_box(np.random.default_rng(5), 300, 400, (0.08, 1), (0.75, 1.3))
   assert a == b
   # No crop fits (ratio range far from a 1x100 strip): the centre fallback, ratio clipped.
   assert preprocess.random_resized_crop_box(rng, 1, 100, (0.9, 1.0), (1.0, 1.0)) == (0, 49, 1, 1)
@@ -78,7 +79,7 @@ def test_eval_transform_is_resize_shorter_side_then_centre_crop():
   assert out.shape == (70, 70, 3) and out.dtype == np.uint8
   side = round(120 * 0.875)
   y, x = (120 - side) // 2, (200 - side) // 2
-  expected = cv2.resize(image[y:y + side, x:x + side], (70, 70), interpolation=cv2.INTER_CUBIC)
+  expected = cv2.resize(image[y : y + side, x : x + side], (70, 70), interpolation=cv2.INTER_CUBIC)
   np.testing.assert_array_equal(out, expected)
 
 
@@ -90,8 +91,9 @@ def test_large_jpegs_decode_at_a_reduced_scale_to_nearly_the_same_pixels():
   data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
   box = (0, 0, 800, 800)
   fast = preprocess.decode_crop_resize(data, box, 100, 3, (800, 960))  # Decoded at 1/4.
-  full = cv2.resize(preprocess.decode(data, 3)[:800, :800], (100, 100),
-                    interpolation=cv2.INTER_AREA)
+  full = cv2.resize(
+    preprocess.decode(data, 3)[:800, :800], (100, 100), interpolation=cv2.INTER_AREA
+  )
   assert fast.shape == full.shape == (100, 100, 3)
   assert np.mean(np.abs(fast.astype(int) - full.astype(int))) < 4
 
@@ -101,10 +103,12 @@ def test_large_jpegs_decode_at_a_reduced_scale_to_nearly_the_same_pixels():
 
 def test_stream_and_memory_give_bitwise_the_same_batches_and_parameters(data_dir):
   """Fixed-size PNGs: the streamed batches are the in-memory ones, and so are the steps."""
-  mem = train.Experiment(_config(data_dir, FIXED, **{"dataset.source": "memory",
-                                                     "dataset.on_device": "false"}))
-  strm = train.Experiment(_config(data_dir, FIXED, **{"dataset.source": "stream",
-                                                      "dataset.workers": 0}))
+  mem = train.Experiment(
+    _config(data_dir, FIXED, **{"dataset.source": "memory", "dataset.on_device": "false"})
+  )
+  strm = train.Experiment(
+    _config(data_dir, FIXED, **{"dataset.source": "stream", "dataset.workers": 0})
+  )
   assert strm.data.description.startswith("streamed")
   for step in (0, 3, 5):  # Step 4 starts epoch 1 (4 steps of 64 per epoch).
     a, b = _host(mem.data.train_batches(step, 2, 2)), _host(strm.data.train_batches(step, 2, 2))
@@ -116,8 +120,10 @@ def test_stream_and_memory_give_bitwise_the_same_batches_and_parameters(data_dir
     for step in range(6):
       state, _, _ = exp.train_chunk(state, step, 1)
     states.append(exp.par.to_host(state.params))
-  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(states[0]),
-                                                  jax.tree.leaves(states[1]), strict=True))
+  assert all(
+    np.array_equal(x, y)
+    for x, y in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]), strict=True)
+  )
   e_mem, e_strm = mem.evaluate(mem.init_state()), strm.evaluate(strm.init_state())
   assert e_mem["eval_examples"] == e_strm["eval_examples"] == 100
   assert e_mem["eval_loss"] == pytest.approx(e_strm["eval_loss"], rel=1e-6)
@@ -128,10 +134,14 @@ def test_batches_do_not_depend_on_devices_workers_or_a_resume(data_dir):
   """Variable-size JPEGs, random-resized crops: 1 device / no workers == 4 devices /
   2 worker processes, and a pipeline restarted at step 5 continues the same stream."""
   c = _config(data_dir, **{"dataset.image_size": 24, "augment.random_resized_crop": True})
-  c0 = _config(data_dir, **{"dataset.image_size": 24, "augment.random_resized_crop": True,
-                            "dataset.workers": 0})
-  c2 = _config(data_dir, **{"dataset.image_size": 24, "augment.random_resized_crop": True,
-                            "dataset.workers": 2})
+  c0 = _config(
+    data_dir,
+    **{"dataset.image_size": 24, "augment.random_resized_crop": True, "dataset.workers": 0},
+  )
+  c2 = _config(
+    data_dir,
+    **{"dataset.image_size": 24, "augment.random_resized_crop": True, "dataset.workers": 2},
+  )
   spec, one, eval_one = _stream_batches(c0, jax.devices()[:1], 9)
   _, four, eval_four = _stream_batches(c2, jax.devices(), 9)
   _, resumed, _ = _stream_batches(c, jax.devices()[:2], 4, start=5)
@@ -164,7 +174,9 @@ def test_auto_source_streams_what_memory_cannot_hold(data_dir):
 # ------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("overrides,message", [
+@pytest.mark.parametrize(
+  "overrides,message",
+  [
     ({"dataset.image_size": 0}, "dataset.image_size must be a positive integer"),
     ({"dataset.image_size": -3}, "dataset.image_size must be a positive integer"),
     ({"dataset.workers": 10_000}, "is more than 4x the"),
@@ -172,7 +184,8 @@ def test_auto_source_streams_what_memory_cannot_hold(data_dir):
     ({"dataset.source": "disk"}, "dataset.source must be one of auto, memory, stream"),
     ({"augment.crop_area_range": (0.5, 0.1)}, "augment.crop_area_range must satisfy"),
     ({"dataset.mean": (1.0, 2.0, 3.0)}, "dataset.mean and dataset.std go together"),
-])
+  ],
+)
 def test_bad_streaming_settings_are_one_sentence(data_dir, overrides, message):
   with pytest.raises(UserError, match=message) as err:
     train.validate(_config(data_dir, **overrides), parallel.DataParallel())
@@ -191,8 +204,9 @@ def test_normalization_must_fit_the_channels_and_the_task(data_dir):
 
 def test_an_undecodable_record_is_named_in_one_sentence(tmp_path):
   make_image_dataset(tmp_path, "flaxtrain_corrupt", 128, 16, corrupt={77})
-  c = _config(str(tmp_path), "flaxtrain_corrupt", **{"dataset.workers": 2,
-                                                     "dataset.image_size": 24})
+  c = _config(
+    str(tmp_path), "flaxtrain_corrupt", **{"dataset.workers": 2, "dataset.image_size": 24}
+  )
   _, source = sources.make(c, parallel.DataParallel())
   with pytest.raises(UserError) as err:
     for step in range(2):  # The whole split: the bad example is in one of the two batches.
@@ -210,16 +224,27 @@ def test_an_undecodable_record_is_named_in_one_sentence(tmp_path):
 
 
 def _cli(data_dir, workdir, *flags, env=None, **popen):
-  cmd = [sys.executable, "-m", "flaxtrain.main", f"--workdir={workdir}",
-         f"--config.dataset.name={VARY}", f"--config.dataset.data_dir={data_dir}",
-         "--config.model.features=(8, 16)", "--config.model.dense=(32,)",
-         "--config.log_every_steps=8", "--config.batch_size=64", "--config.eval_batch_size=100",
-         "--config.dataset.image_size=32", "--config.augment.random_resized_crop=true",
-         "--config.augment.crop_area_range=(0.5, 1.0)", *flags]
-  environ = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-             **(env or {})}
-  return subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, **popen)
+  cmd = [
+    sys.executable,
+    "-m",
+    "flaxtrain.main",
+    f"--workdir={workdir}",
+    f"--config.dataset.name={VARY}",
+    f"--config.dataset.data_dir={data_dir}",
+    "--config.model.features=(8, 16)",
+    "--config.model.dense=(32,)",
+    "--config.log_every_steps=8",
+    "--config.batch_size=64",
+    "--config.eval_batch_size=100",
+    "--config.dataset.image_size=32",
+    "--config.augment.random_resized_crop=true",
+    "--config.augment.crop_area_range=(0.5, 1.0)",
+    *flags,
+  ]
+  environ = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})}
+  return subprocess.Popen(
+    cmd, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+  )
 
 
 def _summary(workdir) -> dict:
@@ -231,8 +256,12 @@ def test_cli_learns_variable_size_jpegs_and_resumes_exactly_after_sigkill(data_d
   """End to end: 6 epochs from random-resized crops learn well above chance (10%; the
   patterns are coarse, so crops of 50%-100% keep most of a class's pattern); a run killed
   mid-epoch and rerun ends bitwise where the uninterrupted run ends."""
-  flags = ("--config.num_epochs=6", "--config.dataset.workers=2",
-           "--config.checkpoint_every_steps=5", "--config.optimizer.learning_rate=5e-3")
+  flags = (
+    "--config.num_epochs=6",
+    "--config.dataset.workers=2",
+    "--config.checkpoint_every_steps=5",
+    "--config.optimizer.learning_rate=5e-3",
+  )
   whole = _cli(data_dir, tmp_path / "whole", *flags)
   out = whole.communicate(timeout=600)[0]
   assert whole.returncode == 0, out[-3000:]
@@ -244,7 +273,8 @@ def test_cli_learns_variable_size_jpegs_and_resumes_exactly_after_sigkill(data_d
   ckpt = tmp_path / "killed" / "checkpoints"
   deadline = time.time() + 300
   while time.time() < deadline and not any(
-      p.name.isdigit() and int(p.name) >= 10 for p in (ckpt.iterdir() if ckpt.exists() else [])):
+    p.name.isdigit() and int(p.name) >= 10 for p in (ckpt.iterdir() if ckpt.exists() else [])
+  ):
     time.sleep(0.2)
   os.killpg(killed.pid, signal.SIGKILL)  # The workers too.
   killed.wait()
@@ -259,13 +289,20 @@ def test_cli_learns_variable_size_jpegs_and_resumes_exactly_after_sigkill(data_d
 def test_sigterm_to_the_process_group_stops_cleanly_with_workers(data_dir, tmp_path):
   """The workers ignore stop signals: the trainer finishes its step, saves and exits 0.
   Known gap (docs/input.md): workers still starting, e.g. each eval's, can be killed."""
-  run = _cli(data_dir, tmp_path / "w", "--config.num_epochs=200", "--config.dataset.workers=2",
-             "--config.checkpoint_every_steps=4", "--config.eval_every_steps=100000",
-             start_new_session=True)  # No eval: each eval starts new workers (see below).
+  run = _cli(
+    data_dir,
+    tmp_path / "w",
+    "--config.num_epochs=200",
+    "--config.dataset.workers=2",
+    "--config.checkpoint_every_steps=4",
+    "--config.eval_every_steps=100000",
+    start_new_session=True,
+  )  # No eval: each eval starts new workers (see below).
   ckpt = tmp_path / "w" / "checkpoints"
   deadline = time.time() + 300
-  while time.time() < deadline and not (ckpt.exists() and any(
-      p.name.isdigit() for p in ckpt.iterdir())):
+  while time.time() < deadline and not (
+    ckpt.exists() and any(p.name.isdigit() for p in ckpt.iterdir())
+  ):
     time.sleep(0.2)  # Until training runs, its workers started.
   os.killpg(run.pid, signal.SIGTERM)
   out = run.communicate(timeout=300)[0]
@@ -277,15 +314,24 @@ def test_sigterm_to_the_process_group_stops_cleanly_with_workers(data_dir, tmp_p
 def test_a_killed_input_worker_ends_the_run_in_one_sentence(data_dir, tmp_path):
   import psutil
 
-  run = _cli(data_dir, tmp_path / "w", "--config.num_epochs=200", "--config.dataset.workers=2",
-             "--config.checkpoint_every_steps=8")
+  run = _cli(
+    data_dir,
+    tmp_path / "w",
+    "--config.num_epochs=200",
+    "--config.dataset.workers=2",
+    "--config.checkpoint_every_steps=8",
+  )
   ckpt = tmp_path / "w" / "checkpoints"
   deadline = time.time() + 300
-  while time.time() < deadline and not (ckpt.exists() and any(
-      p.name.isdigit() for p in ckpt.iterdir())):
+  while time.time() < deadline and not (
+    ckpt.exists() and any(p.name.isdigit() for p in ckpt.iterdir())
+  ):
     time.sleep(0.2)
-  workers = [p for p in psutil.Process(run.pid).children(recursive=True)
-             if "spawn_main" in " ".join(p.cmdline())]
+  workers = [
+    p
+    for p in psutil.Process(run.pid).children(recursive=True)
+    if "spawn_main" in " ".join(p.cmdline())
+  ]
   assert workers, "no input worker processes"
   workers[0].kill()
   out = run.communicate(timeout=300)[0]
@@ -300,12 +346,22 @@ def test_a_killed_input_worker_ends_the_run_in_one_sentence(data_dir, tmp_path):
 def test_recipes_stream_mocked_records_through_the_cli(config, tmp_path):
   """The ImageNet recipes' data side as written (splits, crops, normalisation) on TFDS's
   mocked records (JPEGs of random sizes); a small ResNet stands in for speed."""
-  cmd = [sys.executable, str(ROOT / "tests" / "mock_cli.py"), "24",
-         f"--config=configs/{config}.py", f"--workdir={tmp_path / 'run'}",
-         "--config.model.name=resnet_small", "--config.model.stage_sizes=(1, 1)",
-         "--config.model.width=8", "--config.model.stem=small", "--config.batch_size=8",
-         "--config.eval_batch_size=8", "--config.num_train_steps=2",
-         "--config.dataset.image_size=32", "--config.dataset.workers=0"]
+  cmd = [
+    sys.executable,
+    str(ROOT / "tests" / "mock_cli.py"),
+    "24",
+    f"--config=configs/{config}.py",
+    f"--workdir={tmp_path / 'run'}",
+    "--config.model.name=resnet_small",
+    "--config.model.stage_sizes=(1, 1)",
+    "--config.model.width=8",
+    "--config.model.stem=small",
+    "--config.batch_size=8",
+    "--config.eval_batch_size=8",
+    "--config.num_train_steps=2",
+    "--config.dataset.image_size=32",
+    "--config.dataset.workers=0",
+  ]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -316,11 +372,19 @@ def test_recipes_stream_mocked_records_through_the_cli(config, tmp_path):
 
 def _peak_rss_mb(cmd, env) -> float:
   """Peak resident memory of `cmd`'s largest process (input workers included), in MB."""
-  wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
-             "sys.exit(r.returncode)")
-  r = subprocess.run([sys.executable, "-c", wrapper, *cmd], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=600)
+  wrapper = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+    "sys.exit(r.returncode)"
+  )
+  r = subprocess.run(
+    [sys.executable, "-c", wrapper, *cmd],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   return int(r.stdout.strip().splitlines()[-1]) / 1024
 
@@ -331,12 +395,23 @@ def test_host_memory_of_a_streamed_run_does_not_grow_with_the_dataset(tmp_path):
   peaks = {}
   for n in (200, 2000):
     make_image_dataset(tmp_path / "tfds", f"flaxtrain_rss_{n}", n, 32, shape=(256, 256))
-    cmd = [sys.executable, "-m", "flaxtrain.main", f"--workdir={tmp_path / str(n)}",
-           f"--config.dataset.name=flaxtrain_rss_{n}", f"--config.dataset.data_dir={tmp_path}/tfds",
-           "--config.dataset.source=stream", "--config.dataset.workers=1",
-           "--config.dataset.image_size=64", "--config.model.features=(8, 16)",
-           "--config.model.dense=(32,)", "--config.batch_size=32", "--config.eval_batch_size=32",
-           "--config.num_train_steps=6", "--config.log_every_steps=3"]
+    cmd = [
+      sys.executable,
+      "-m",
+      "flaxtrain.main",
+      f"--workdir={tmp_path / str(n)}",
+      f"--config.dataset.name=flaxtrain_rss_{n}",
+      f"--config.dataset.data_dir={tmp_path}/tfds",
+      "--config.dataset.source=stream",
+      "--config.dataset.workers=1",
+      "--config.dataset.image_size=64",
+      "--config.model.features=(8, 16)",
+      "--config.model.dense=(32,)",
+      "--config.batch_size=32",
+      "--config.eval_batch_size=32",
+      "--config.num_train_steps=6",
+      "--config.log_every_steps=3",
+    ]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     peaks[n] = _peak_rss_mb(cmd, env)
   decoded_growth_mb = (2000 - 200) * 256 * 256 * 3 / 2**20  # What holding it would add.

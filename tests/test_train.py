@@ -15,6 +15,7 @@ def _events(workdir):
   """{tag: [(step, value)]} of the scalars in the run's TensorBoard event files."""
   import tensorflow as tf
   from tensorboard.backend.event_processing import event_accumulator
+
   files = [f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]
   assert files, f"no TensorBoard event files in {workdir}"
   acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
@@ -47,8 +48,7 @@ def test_trains_on_four_devices_and_writes_everything(synthetic_data, tmp_path):
   assert checkpointing.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 64
 
 
-def test_resume_continues_from_the_saved_step_and_matches(synthetic_data, tmp_path,
-                                                         monkeypatch):
+def test_resume_continues_from_the_saved_step_and_matches(synthetic_data, tmp_path, monkeypatch):
   full = train.train_and_evaluate(tiny_config(), str(tmp_path / "full"))
   # Stop as a preemption would, after step 24 (mid-epoch), then rerun the same config.
   original = preemption.Stopper.should_stop
@@ -77,8 +77,9 @@ def test_rerunning_a_finished_run_trains_nothing(synthetic_data, tmp_path):
 def test_one_device_and_four_devices_agree(synthetic_data, tmp_path):
   # SGD: adam's normalisation amplifies last-bit differences while the loss drops fast.
   c = tiny_config(num_train_steps=20, **{"optimizer.name": "sgd"})
-  one = train.train_and_evaluate(c, str(tmp_path / "one"),
-                                 par=parallel.DataParallel(jax.devices()[:1]))
+  one = train.train_and_evaluate(
+    c, str(tmp_path / "one"), par=parallel.DataParallel(jax.devices()[:1])
+  )
   four = train.train_and_evaluate(c, str(tmp_path / "four"))
   assert one["devices"] == 1 and four["devices"] == 4
   assert abs(one["eval_loss"] - four["eval_loss"]) < 1e-4
@@ -86,16 +87,19 @@ def test_one_device_and_four_devices_agree(synthetic_data, tmp_path):
 
 def test_host_gathered_batches_give_the_same_run(synthetic_data, tmp_path):
   a = train.train_and_evaluate(tiny_config(num_train_steps=12), str(tmp_path / "dev"))
-  b = train.train_and_evaluate(tiny_config(num_train_steps=12, **{"dataset.on_device": "false"}),
-                               str(tmp_path / "host"))
+  b = train.train_and_evaluate(
+    tiny_config(num_train_steps=12, **{"dataset.on_device": "false"}), str(tmp_path / "host")
+  )
   assert a["eval_loss"] == b["eval_loss"]
 
 
 def test_steps_per_dispatch_does_not_change_results(synthetic_data, tmp_path):
-  a = train.train_and_evaluate(tiny_config(num_train_steps=12, steps_per_dispatch=1),
-                               str(tmp_path / "k1"))
-  b = train.train_and_evaluate(tiny_config(num_train_steps=12, steps_per_dispatch=5),
-                               str(tmp_path / "k5"))
+  a = train.train_and_evaluate(
+    tiny_config(num_train_steps=12, steps_per_dispatch=1), str(tmp_path / "k1")
+  )
+  b = train.train_and_evaluate(
+    tiny_config(num_train_steps=12, steps_per_dispatch=5), str(tmp_path / "k5")
+  )
   assert a["eval_loss"] == b["eval_loss"]
 
 
@@ -111,8 +115,9 @@ def test_nan_stops_training_without_saving_it(synthetic_data, tmp_path, monkeypa
 
 def test_nan_skip_mode_counts_and_continues(synthetic_data, tmp_path, monkeypatch):
   monkeypatch.setenv(train.NAN_STEP_ENV, "5")
-  summary = train.train_and_evaluate(tiny_config(num_train_steps=16, nonfinite="skip"),
-                                     str(tmp_path))
+  summary = train.train_and_evaluate(
+    tiny_config(num_train_steps=16, nonfinite="skip"), str(tmp_path)
+  )
   assert summary["step"] == 16 and np.isfinite(summary["eval_loss"])
   skipped = sum(v for _, v in _events(tmp_path)["train_nonfinite_steps"])
   assert skipped == 1
@@ -124,15 +129,18 @@ def test_batch_not_divisible_by_devices_fails_before_writing(synthetic_data, tmp
   assert not (tmp_path / "w").exists()
 
 
-
 def test_init_from_starts_a_new_run_from_another_runs_params(synthetic_data, tmp_path):
   first = train.train_and_evaluate(tiny_config(num_train_steps=32), str(tmp_path / "a"))
   # A learning rate too small to move anything: the new run evaluates the old params.
   tuned = train.train_and_evaluate(
-      tiny_config(num_train_steps=1, init_from=str(tmp_path / "a"),
-                  **{"optimizer.learning_rate": 1e-12}), str(tmp_path / "b"))
+    tiny_config(
+      num_train_steps=1, init_from=str(tmp_path / "a"), **{"optimizer.learning_rate": 1e-12}
+    ),
+    str(tmp_path / "b"),
+  )
   assert tuned["step"] == 1
   assert tuned["eval_loss"] == pytest.approx(first["eval_loss"], abs=1e-5)
   with pytest.raises(train.UserError, match="init_from"):
-    train.train_and_evaluate(tiny_config(init_from=str(tmp_path / "a"),
-                                         **{"model.dense": (64,)}), str(tmp_path / "c"))
+    train.train_and_evaluate(
+      tiny_config(init_from=str(tmp_path / "a"), **{"model.dense": (64,)}), str(tmp_path / "c")
+    )

@@ -15,8 +15,9 @@ from flaxtrain.errors import UserError
 
 def _small_resnet(**overrides):
   c = tiny_config(**overrides)
-  c.model = ml_collections.ConfigDict(dict(name="resnet_small", stage_sizes=(1, 1), width=8,
-                                           dropout=0.0, stem="small"))
+  c.model = ml_collections.ConfigDict(
+    dict(name="resnet_small", stage_sizes=(1, 1), width=8, dropout=0.0, stem="small")
+  )
   return c
 
 
@@ -32,8 +33,10 @@ def _run(exp, steps, state=None):
 
 
 def _max_diff(a, b):
-  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+  return max(
+    float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
 
 
 # ---------------------------------------------------------------- BatchNorm
@@ -82,8 +85,7 @@ def test_ema_follows_the_decay_recursion_and_is_evaluated(synthetic_data):
   assert _max_diff(exp.eval_variables(state)["params"], states[-1].ema_params) == 0
 
 
-def test_ema_is_saved_and_restored_with_the_checkpoint(synthetic_data, tmp_path,
-                                                        monkeypatch):
+def test_ema_is_saved_and_restored_with_the_checkpoint(synthetic_data, tmp_path, monkeypatch):
   c = tiny_config(ema_decay=0.9, num_epochs=1)
   train.train_and_evaluate(c, str(tmp_path / "run"))
   exp = train.Experiment(c)
@@ -114,15 +116,19 @@ def test_gradient_accumulation_must_divide_the_per_device_batch(synthetic_data):
 
 
 def _equal_bits(a, b):
-  return all(np.array_equal(np.asarray(x), np.asarray(y))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+  return all(
+    np.array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
 
 
 def test_topology_invariant_shards_give_the_same_bits_on_1_2_and_4_devices(synthetic_data):
   """Params and AdamW state bitwise equal after 6 steps, with dropout and augmentation on
   (whose keys follow the shard and the example, not the device)."""
-  c = tiny_config(topology_invariant_shards=4, **{"model.dropout": 0.3, "augment.flip": True,
-                                                    "augment.crop_padding": 2})
+  c = tiny_config(
+    topology_invariant_shards=4,
+    **{"model.dropout": 0.3, "augment.flip": True, "augment.crop_padding": 2},
+  )
   exps = {n: train.Experiment(c, parallel.DataParallel(jax.devices()[:n])) for n in (1, 2, 4)}
   states = {n: _run(exp, 6)[1][-1] for n, exp in exps.items()}
   one = states[1]
@@ -139,14 +145,16 @@ def test_topology_invariant_shards_match_the_default_reduction_closely(synthetic
   assert 0 < _max_diff(a[-1].params, b[-1].params) < 2e-5
 
 
-@pytest.mark.parametrize("overrides,match", [
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
     (dict(topology_invariant_shards=6), "must be 0 .off. or a power of two"),
     (dict(topology_invariant_shards=2), "a multiple of the 4 devices"),
     (dict(topology_invariant_shards=128), "does not divide batch_size 64"),
     (dict(topology_invariant_shards=8, grad_accum_steps=2), "set --config.grad_accum_steps=1"),
-])
-def test_topology_invariant_shards_bad_settings_are_one_sentence(synthetic_data, overrides,
-                                                                   match):
+  ],
+)
+def test_topology_invariant_shards_bad_settings_are_one_sentence(synthetic_data, overrides, match):
   with pytest.raises(UserError, match=match):
     train.Experiment(tiny_config(**overrides))
 
@@ -167,8 +175,7 @@ def test_bfloat16_trains_stays_finite_and_keeps_float32_state(synthetic_data):
   state, states = _run(exp, 20, state)
   after = exp.evaluate(state)
   assert np.isfinite(after["eval_loss"]) and after["eval_loss"] < before
-  for leaf in jax.tree.leaves((states[-1].params, states[-1].opt_state,
-                               states[-1].model_state)):
+  for leaf in jax.tree.leaves((states[-1].params, states[-1].opt_state, states[-1].model_state)):
     assert leaf.dtype in (np.float32, np.int32), leaf.dtype
 
 
@@ -184,8 +191,9 @@ def test_augmentation_is_per_example_and_independent_of_the_device_split():
   cfg = _aug_cfg(crop_padding=4, flip=True, erase_prob=0.5)
   key = jax.random.key(3)
   whole = augment.apply(images, key, 0, cfg)
-  halves = jnp.concatenate([augment.apply(images[:4], key, 0, cfg),
-                            augment.apply(images[4:], key, 4, cfg)])
+  halves = jnp.concatenate(
+    [augment.apply(images[:4], key, 0, cfg), augment.apply(images[4:], key, 4, cfg)]
+  )
   np.testing.assert_array_equal(whole, halves)
   assert not np.allclose(whole, images)
   assert not np.allclose(augment.apply(images, jax.random.key(4), 0, cfg), whole)
@@ -203,15 +211,17 @@ def test_flip_mirrors_and_crop_shifts():
   # Every crop is the image shifted by at most 2 pixels: the centre survives somewhere.
   centre = image[0, 10:18, 10:18]
   for c in cropped:
-    found = any(bool(jnp.all(c[10 + dy:18 + dy, 10 + dx:18 + dx] == centre))
-                for dy in range(-2, 3) for dx in range(-2, 3))
+    found = any(
+      bool(jnp.all(c[10 + dy : 18 + dy, 10 + dx : 18 + dx] == centre))
+      for dy in range(-2, 3)
+      for dx in range(-2, 3)
+    )
     assert found
   assert sum(bool(jnp.all(c == image[0])) for c in cropped) < 16
 
 
 def test_augmented_training_is_identical_on_one_and_four_devices(synthetic_data):
-  c = tiny_config(**{"augment.crop_padding": 2, "augment.flip": True,
-                     "augment.erase_prob": 0.5})
+  c = tiny_config(**{"augment.crop_padding": 2, "augment.flip": True, "augment.erase_prob": 0.5})
   _, s4 = _run(train.Experiment(c), 3)
   _, s1 = _run(train.Experiment(c, parallel.DataParallel(jax.devices()[:1])), 3)
   assert _max_diff(s4[-1].params, s1[-1].params) < 1e-5
@@ -306,9 +316,14 @@ def test_top5_accuracy_is_reported_for_ten_classes(synthetic_data):
 # ------------------------------------------------------------- recipe smoke runs
 
 
-@pytest.mark.parametrize("name,shape", [("cifar10_resnet18", (32, 32, 3)),
-                                        ("fashion_resnet", (28, 28, 1)),
-                                        ("fashion_autoencoder", (28, 28, 1))])
+@pytest.mark.parametrize(
+  "name,shape",
+  [
+    ("cifar10_resnet18", (32, 32, 3)),
+    ("fashion_resnet", (28, 28, 1)),
+    ("fashion_autoencoder", (28, 28, 1)),
+  ],
+)
 def test_recipe_configs_take_steps(monkeypatch, name, shape):
   """The recipes as written (model, augmentation, dtype, optimizer), on stand-in data."""
   from conftest import synthetic_split
@@ -316,10 +331,16 @@ def test_recipe_configs_take_steps(monkeypatch, name, shape):
   from flaxtrain.data import memory, prepare, sources
 
   def load(dataset, **_):
-    spec = prepare.DatasetSpec(name=dataset, image_shape=shape, num_classes=10,
-                                class_names=tuple(str(i) for i in range(10)),
-                                train_split="train", eval_split="test",
-                                num_train=64, num_eval=16)
+    spec = prepare.DatasetSpec(
+      name=dataset,
+      image_shape=shape,
+      num_classes=10,
+      class_names=tuple(str(i) for i in range(10)),
+      train_split="train",
+      eval_split="test",
+      num_train=64,
+      num_eval=16,
+    )
     return spec, synthetic_split(64, 0, shape), synthetic_split(16, 1, shape)
 
   monkeypatch.setattr(memory, "load", load)

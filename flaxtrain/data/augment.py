@@ -45,8 +45,7 @@ def _one(image, key, cfg):
   if cfg.erase_prob:
     k_do, k_area, k_aspect, k_y, k_x, k_fill = jax.random.split(k_erase, 6)
     area = jax.random.uniform(k_area, (), minval=0.02, maxval=0.33) * h * w
-    aspect = jnp.exp(jax.random.uniform(k_aspect, (), minval=jnp.log(0.3),
-                                        maxval=jnp.log(1 / 0.3)))
+    aspect = jnp.exp(jax.random.uniform(k_aspect, (), minval=jnp.log(0.3), maxval=jnp.log(1 / 0.3)))
     eh = jnp.clip(jnp.round(jnp.sqrt(area * aspect)), 1, h).astype(jnp.int32)
     ew = jnp.clip(jnp.round(jnp.sqrt(area / aspect)), 1, w).astype(jnp.int32)
     y0 = jax.random.randint(k_y, (), 0, h - eh + 1)

@@ -20,27 +20,42 @@ ON_DEVICE_LIMIT = 1 << 30
 _READ_BATCH = 4096  # Examples decoded per TF step when reading a split into memory.
 
 
-def load(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
-         train_split: str = "train", eval_split: str = "test"
-         ) -> tuple[prepare.DatasetSpec, dict[str, np.ndarray], dict[str, np.ndarray]]:
+def load(
+  name: str,
+  *,
+  data_dir: str | None = None,
+  manual_dir: str | None = None,
+  train_split: str = "train",
+  eval_split: str = "test",
+) -> tuple[prepare.DatasetSpec, dict[str, np.ndarray], dict[str, np.ndarray]]:
   """Returns (spec, train, eval); each split is {'image': uint8 [N,H,W,C], 'label': int32 [N]}."""
   builder = prepare.prepare(name, data_dir=data_dir, manual_dir=manual_dir)
   for split in (train_split, eval_split):  # Both checked before decoding either.
     prepare.check_split(builder, split)
   shape = tuple(builder.info.features["image"].shape)
   if None in shape[:2]:
-    raise UserError(f"Dataset {name!r} has images of varying size {shape}, which cannot be "
-                    "held as one array in memory: set --config.dataset.source=stream (or auto).")
+    raise UserError(
+      f"Dataset {name!r} has images of varying size {shape}, which cannot be "
+      "held as one array in memory: set --config.dataset.source=stream (or auto)."
+    )
   # Prepared for streaming only (ArrayRecord): read the records one by one instead.
-  read = (_read_split if prepare.has_format(builder, "tfrecord") or not builder.info.splits
-          else _read_records)
+  read = (
+    _read_split
+    if prepare.has_format(builder, "tfrecord") or not builder.info.splits
+    else _read_records
+  )
   train, eval_ = read(builder, train_split), read(builder, eval_split)
   label = builder.info.features["label"]
   spec = prepare.DatasetSpec(
-    name=name, image_shape=tuple(builder.info.features["image"].shape),
-    num_classes=label.num_classes, class_names=tuple(label.names),
-    train_split=train_split, eval_split=eval_split,
-    num_train=len(train["label"]), num_eval=len(eval_["label"]))
+    name=name,
+    image_shape=tuple(builder.info.features["image"].shape),
+    num_classes=label.num_classes,
+    class_names=tuple(label.names),
+    train_split=train_split,
+    eval_split=eval_split,
+    num_train=len(train["label"]),
+    num_eval=len(eval_["label"]),
+  )
   return spec, train, eval_
 
 
@@ -52,8 +67,10 @@ def _read_split(builder, split: str) -> dict[str, np.ndarray]:
   """
   chunks = list(tfds.as_numpy(builder.as_dataset(split=split, batch_size=_READ_BATCH)))
   # TFDS images always carry a channel axis, (H, W, 1) for grayscale; labels come as int64.
-  return {"image": np.concatenate([c["image"] for c in chunks]).astype(np.uint8, copy=False),
-          "label": np.concatenate([c["label"] for c in chunks]).astype(np.int32)}
+  return {
+    "image": np.concatenate([c["image"] for c in chunks]).astype(np.uint8, copy=False),
+    "label": np.concatenate([c["label"] for c in chunks]).astype(np.int32),
+  }
 
 
 def _read_records(builder, split: str) -> dict[str, np.ndarray]:
@@ -72,13 +89,27 @@ def _read_records(builder, split: str) -> dict[str, np.ndarray]:
 class MemorySource:
   """Turns step numbers into device inputs for train and eval, from host arrays."""
 
-  def __init__(self, train: dict, evald: dict, *, par: parallel.DataParallel, seed: int,
-               batch_size: int, eval_batch_size: int, on_device: str = "auto"):
+  def __init__(
+    self,
+    train: dict,
+    evald: dict,
+    *,
+    par: parallel.DataParallel,
+    seed: int,
+    batch_size: int,
+    eval_batch_size: int,
+    on_device: str = "auto",
+  ):
     self.par = par
     self.train, self.eval = train, evald
-    self.plan = IndexPlan(num_train=len(train["label"]), num_eval=len(evald["label"]),
-                          batch_size=batch_size, eval_batch_size=eval_batch_size,
-                          num_devices=par.num_devices, seed=seed)
+    self.plan = IndexPlan(
+      num_train=len(train["label"]),
+      num_eval=len(evald["label"]),
+      batch_size=batch_size,
+      eval_batch_size=eval_batch_size,
+      num_devices=par.num_devices,
+      seed=seed,
+    )
     self.on_device = self._decide_on_device(on_device)
     self.description = "in memory, on device" if self.on_device else "in memory, gathered on host"
     self._tables = {}
@@ -103,21 +134,20 @@ class MemorySource:
   def _batches(self, name: str, split: dict, idx: np.ndarray) -> Batches:
     if self.on_device:
       return Batches(
-          inputs={"table": self._table(name, split),
-                  "idx": self.par.put(idx, parallel.STEPS_BATCH)},
-          specs={"table": parallel.REPLICATED, "idx": parallel.STEPS_BATCH})
+        inputs={"table": self._table(name, split), "idx": self.par.put(idx, parallel.STEPS_BATCH)},
+        specs={"table": parallel.REPLICATED, "idx": parallel.STEPS_BATCH},
+      )
     inputs = {}
     for key, values in split.items():
       shape = idx.shape + values.shape[1:]
       # Only the rows of this process's devices are gathered on the host.
       inputs[key] = self.par.put_from_callback(
-          shape, parallel.STEPS_BATCH,
-          lambda index, v=values: v[idx[index[:2]]])
+        shape, parallel.STEPS_BATCH, lambda index, v=values: v[idx[index[:2]]]
+      )
     return Batches(inputs=inputs, specs={k: parallel.STEPS_BATCH for k in inputs})
 
   def train_batches(self, start_step: int, num_steps: int, chunk: int) -> Batches:
-    return self._batches("train", self.train,
-                         self.plan.train_indices(start_step, num_steps, chunk))
+    return self._batches("train", self.train, self.plan.train_indices(start_step, num_steps, chunk))
 
   def eval_batches(self):
     """The eval split as chunks of masked batches; here one chunk, kept on the devices."""

@@ -44,8 +44,16 @@ def take(inputs: dict, i):
 class IndexPlan:
   """Example ids of every train and eval batch, as pure functions of (seed, step)."""
 
-  def __init__(self, *, num_train: int, num_eval: int, batch_size: int, eval_batch_size: int,
-               num_devices: int, seed: int):
+  def __init__(
+    self,
+    *,
+    num_train: int,
+    num_eval: int,
+    batch_size: int,
+    eval_batch_size: int,
+    num_devices: int,
+    seed: int,
+  ):
     self.num_train, self.num_eval = num_train, num_eval
     self.batch_size = batch_size
     self.seed = seed
@@ -53,8 +61,10 @@ class IndexPlan:
     self.eval_batch_size = int(math.ceil(eval_batch_size / num_devices) * num_devices)
     self.steps_per_epoch = num_train // batch_size
     if self.steps_per_epoch == 0:
-      raise UserError(f"batch_size {batch_size} is larger than the {num_train} training "
-                      "examples: lower --config.batch_size.")
+      raise UserError(
+        f"batch_size {batch_size} is larger than the {num_train} training "
+        "examples: lower --config.batch_size."
+      )
     self.eval_steps = int(math.ceil(num_eval / self.eval_batch_size))
     self._cached = {}  # {epoch: permutation}, the two newest epochs.
 
@@ -72,7 +82,7 @@ class IndexPlan:
   def step_indices(self, step: int) -> np.ndarray:
     """[batch_size] example ids of the global batch of train step `step` (0-based)."""
     epoch, pos = divmod(step, self.steps_per_epoch)
-    return self.permutation(epoch)[pos * self.batch_size:(pos + 1) * self.batch_size]
+    return self.permutation(epoch)[pos * self.batch_size : (pos + 1) * self.batch_size]
 
   def train_indices(self, start_step: int, num_steps: int, chunk: int) -> np.ndarray:
     """[chunk, batch_size] example ids for steps start..start+num_steps (rest zero)."""

@@ -75,10 +75,15 @@ MANUAL_FILES = {
 ARRAY_RECORD, TFRECORD = tfds.core.FileFormat.ARRAY_RECORD, tfds.core.FileFormat.TFRECORD
 
 # What a failed download looks like (TFDS uses requests, and urllib for ftp).
-_NETWORK_ERRORS = (requests.RequestException, urllib.error.URLError, socket.gaierror,
-                   ConnectionError, TimeoutError, tfds.download.DownloadError)
-_PROXY_VARS = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy",
-               "all_proxy")
+_NETWORK_ERRORS = (
+  requests.RequestException,
+  urllib.error.URLError,
+  socket.gaierror,
+  ConnectionError,
+  TimeoutError,
+  tfds.download.DownloadError,
+)
+_PROXY_VARS = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +98,13 @@ class DatasetSpec:
   num_eval: int
 
 
-def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
-            random_access: bool = False) -> tfds.core.DatasetBuilder:
+def prepare(
+  name: str,
+  *,
+  data_dir: str | None = None,
+  manual_dir: str | None = None,
+  random_access: bool = False,
+) -> tfds.core.DatasetBuilder:
   """Returns the builder of `name` with its data prepared in `data_dir` (see module doc).
 
   With `random_access`, the data has ArrayRecord files for `tfds.data_source`. Without, it
@@ -137,8 +147,7 @@ def describe(name: str, *, data_dir: str | None = None) -> tfds.core.DatasetBuil
   return builder
 
 
-def has_format(builder: tfds.core.DatasetBuilder,
-               file_format: str | tfds.core.FileFormat) -> bool:
+def has_format(builder: tfds.core.DatasetBuilder, file_format: str | tfds.core.FileFormat) -> bool:
   """Whether the prepared data of `builder` has files in `file_format`.
 
   'tfrecord' is what `as_dataset` reads, 'array_record' what `tfds.data_source` reads. False
@@ -148,8 +157,9 @@ def has_format(builder: tfds.core.DatasetBuilder,
   return _is_prepared(builder) and file_format in _formats(builder.info)
 
 
-def add_format(builder: tfds.core.DatasetBuilder,
-               file_format: str | tfds.core.FileFormat) -> tfds.core.DatasetBuilder:
+def add_format(
+  builder: tfds.core.DatasetBuilder, file_format: str | tfds.core.FileFormat
+) -> tfds.core.DatasetBuilder:
   """Returns the builder of the prepared dataset of `builder`, with files in `file_format` too.
 
   Converts in place, from TFRecord to ArrayRecord or back: afterwards `dataset_info.json`
@@ -164,20 +174,28 @@ def add_format(builder: tfds.core.DatasetBuilder,
     raise ValueError(f"Dataset {builder.name} is not prepared in {builder.data_dir}.")
   source = builder.info.file_format
   if not os.access(builder.data_dir, os.W_OK):
-    raise UserError(f"Dataset {builder.name} in {builder.data_dir} has no {file_format.value} "
-                    f"files and that directory is read-only (e.g. a gcsfuse mount): run python "
-                    f"-m flaxtrain.datasets {builder.name} --format={file_format.value} where "
-                    "it is writable, then copy it again.")
-  logging.info("Dataset %s: converting its %s files to %s in place in %s.", builder.name,
-               source.value, file_format.value, builder.data_dir)
+    raise UserError(
+      f"Dataset {builder.name} in {builder.data_dir} has no {file_format.value} "
+      f"files and that directory is read-only (e.g. a gcsfuse mount): run python "
+      f"-m flaxtrain.datasets {builder.name} --format={file_format.value} where "
+      "it is writable, then copy it again."
+    )
+  logging.info(
+    "Dataset %s: converting its %s files to %s in place in %s.",
+    builder.name,
+    source.value,
+    file_format.value,
+    builder.data_dir,
+  )
   for split in builder.info.splits.values():
     _convert_split(builder, split, source, file_format)
   _list_format(builder.data_path, file_format)  # Last: a failure before lists nothing.
   return _reload(builder)
 
 
-def restore_gzip_header(src: str | os.PathLike, dst: str | os.PathLike, *,
-                        original_name: str, mtime: int) -> None:
+def restore_gzip_header(
+  src: str | os.PathLike, dst: str | os.PathLike, *, original_name: str, mtime: int
+) -> None:
   """Copies gzip file `src` to `dst` with the header FNAME=`original_name`, MTIME=`mtime`.
 
   Only the header changes: the deflate stream and the CRC32/size trailer are copied as is,
@@ -187,10 +205,15 @@ def restore_gzip_header(src: str | os.PathLike, dst: str | os.PathLike, *,
   src, dst = pathlib.Path(src), pathlib.Path(dst)
   with open(src, "rb") as f:
     xfl_os = _skip_gzip_header(f, src)
-    header = (b"\x1f\x8b\x08" + bytes([_FNAME]) + struct.pack("<I", mtime) + xfl_os
-              + original_name.encode("latin-1") + b"\0")  # RFC 1952: FNAME is ISO 8859-1.
-    with tempfile.NamedTemporaryFile(dir=dst.parent, prefix=f".{dst.name}.",
-                                     delete=False) as out:
+    header = (
+      b"\x1f\x8b\x08"
+      + bytes([_FNAME])
+      + struct.pack("<I", mtime)
+      + xfl_os
+      + original_name.encode("latin-1")
+      + b"\0"
+    )  # RFC 1952: FNAME is ISO 8859-1.
+    with tempfile.NamedTemporaryFile(dir=dst.parent, prefix=f".{dst.name}.", delete=False) as out:
       try:
         out.write(header)
         shutil.copyfileobj(f, out, 1 << 20)
@@ -234,12 +257,12 @@ def _builder(name: str, data_dir: str | None, **kwargs) -> tfds.core.DatasetBuil
     known = tfds.list_builders(with_community_datasets=False)
     close = difflib.get_close_matches(name.split(":")[0].split("/")[0], known, n=3)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
-    raise UserError(f"Unknown dataset {name!r}: {hint}tfds.list_builders() lists them "
-                    "all.") from e
+    raise UserError(f"Unknown dataset {name!r}: {hint}tfds.list_builders() lists them all.") from e
   except (ValueError, AssertionError) as e:  # A config or version the dataset lacks.
     detail = str(e).split("\n")[0].split('": ', 1)[-1].split(". ")[0].rstrip(".")
-    raise UserError(f"Cannot use dataset {name!r} ({detail}): fix the config or version in "
-                    "the name.") from e
+    raise UserError(
+      f"Cannot use dataset {name!r} ({detail}): fix the config or version in the name."
+    ) from e
 
 
 def _check_features(builder) -> None:
@@ -251,10 +274,11 @@ def _check_features(builder) -> None:
   features = builder.info.features
   image = features["image"] if "image" in features else None
   label = features["label"] if "label" in features else None
-  if not (isinstance(image, tfds.features.Image)
-          and isinstance(label, tfds.features.ClassLabel)):
-    raise UserError(f"Dataset {builder.name!r} has features {sorted(features)}, not an "
-                    "'image' and a class 'label': pick an image classification dataset.")
+  if not (isinstance(image, tfds.features.Image) and isinstance(label, tfds.features.ClassLabel)):
+    raise UserError(
+      f"Dataset {builder.name!r} has features {sorted(features)}, not an "
+      "'image' and a class 'label': pick an image classification dataset."
+    )
 
 
 def _expected_files(builder) -> list[str]:
@@ -284,19 +308,26 @@ def _default_manual_dir(builder) -> str:
   else:
     first_line = builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip().splitlines()[0].strip()
     what = f"its files from {where} (TFDS says: {first_line.rstrip('.')!r})"
-  raise UserError(f"Dataset {builder.name} must be downloaded by hand: get {what} and put them "
-                  f"in {manual_dir}, or in a dir named by --config.dataset.manual_dir=DIR.")
+  raise UserError(
+    f"Dataset {builder.name} must be downloaded by hand: get {what} and put them "
+    f"in {manual_dir}, or in a dir named by --config.dataset.manual_dir=DIR."
+  )
 
 
 def _check_manual_dir(builder, manual_dir: str) -> None:
   flag = f"--config.dataset.manual_dir={manual_dir}"
   if not os.path.isdir(manual_dir) or not os.access(manual_dir, os.R_OK | os.X_OK):
-    raise UserError(f"{flag} is not a readable directory: point it at the folder holding "
-                    f"the original {builder.name} files.")
-  if missing := [f for f in _expected_files(builder)
-                 if not os.path.isfile(os.path.join(manual_dir, f))]:
-    raise UserError(f"{flag} lacks {', '.join(missing)}: put the original {builder.name} "
-                    "files there under these names.")
+    raise UserError(
+      f"{flag} is not a readable directory: point it at the folder holding "
+      f"the original {builder.name} files."
+    )
+  if missing := [
+    f for f in _expected_files(builder) if not os.path.isfile(os.path.join(manual_dir, f))
+  ]:
+    raise UserError(
+      f"{flag} lacks {', '.join(missing)}: put the original {builder.name} "
+      "files there under these names."
+    )
 
 
 def _system_copy(builder) -> str | None:
@@ -332,19 +363,23 @@ def _restore_or_fail(src: str, dst: str, header: tuple[str, int]) -> None:
   try:
     restore_gzip_header(src, dst, original_name=header[0], mtime=header[1])
   except ValueError as e:
-    raise UserError(f"{src} is not a gzip file: replace it with the original "
-                    f"{os.path.basename(src)}.") from e
+    raise UserError(
+      f"{src} is not a gzip file: replace it with the original {os.path.basename(src)}."
+    ) from e
 
 
-def _prepare_with_manual_dir(builder, manual_dir: str, shown_dir: str,
-                             extract_dir: str | None = None) -> None:
+def _prepare_with_manual_dir(
+  builder, manual_dir: str, shown_dir: str, extract_dir: str | None = None
+) -> None:
   config = tfds.download.DownloadConfig(manual_dir=manual_dir, extract_dir=extract_dir)
   try:
     builder.download_and_prepare(download_config=config)
   except download_manager.NonMatchingChecksumError as e:
     bad = [i.filename for url, i in builder.url_infos.items() if url in str(e)]
-    raise UserError(f"{', '.join(bad) or 'A file'} in {shown_dir} does not match TFDS's "
-                    f"registered checksum: replace it with the original download.") from e
+    raise UserError(
+      f"{', '.join(bad) or 'A file'} in {shown_dir} does not match TFDS's "
+      f"registered checksum: replace it with the original download."
+    ) from e
 
 
 def _download_and_prepare(builder) -> None:
@@ -359,9 +394,11 @@ def _download_and_prepare(builder) -> None:
 def _no_data_message(name: str) -> str:
   package = _SYSTEM_PACKAGES.get(name)
   apt = f", or `apt-get install {package}`" if package else ""
-  return (f"Dataset {name} is not prepared and could not be downloaded: connect to the "
-          f"internet for TFDS's download, or pass --config.dataset.manual_dir=DIR with the "
-          f"original {name} files{apt}.")
+  return (
+    f"Dataset {name} is not prepared and could not be downloaded: connect to the "
+    f"internet for TFDS's download, or pass --config.dataset.manual_dir=DIR with the "
+    f"original {name} files{apt}."
+  )
 
 
 def _fail_fast_if_offline(builder) -> None:
@@ -405,8 +442,9 @@ def _is_prepared(builder) -> bool:
 
 def _formats(info) -> set:
   # The proto too: TFDS 4.9.10 restores `alternative_file_formats` only there (see below).
-  alternatives = {tfds.core.FileFormat.from_value(f)
-                  for f in info.as_proto.alternative_file_formats}
+  alternatives = {
+    tfds.core.FileFormat.from_value(f) for f in info.as_proto.alternative_file_formats
+  }
   return {info.file_format, *info.alternative_file_formats, *alternatives}
 
 
@@ -427,9 +465,11 @@ def _convert_split(builder, split, source, target) -> None:
     with tfds.core.utils.incomplete_file(out) as tmp:  # Deleted if anything raises.
       count = _copy_records(path, source, tmp, target)
       if count != expected:
-        raise UserError(f"{path} holds {count} records, not the {expected} that "
-                        f"{builder.data_path}/dataset_info.json lists: delete "
-                        f"{builder.data_path} and prepare {builder.name} again.")
+        raise UserError(
+          f"{path} holds {count} records, not the {expected} that "
+          f"{builder.data_path}/dataset_info.json lists: delete "
+          f"{builder.data_path} and prepare {builder.name} again."
+        )
 
 
 def _copy_records(path, source, out, target) -> int:
@@ -450,8 +490,11 @@ def _reload(builder) -> tfds.core.DatasetBuilder:
   """A new builder for the same data: a builder's info keeps the formats it first read."""
   if isinstance(builder, tfds.core.read_only_builder.ReadOnlyBuilder):  # No code to run.
     return tfds.builder_from_directory(builder.data_path)
-  return type(builder)(data_dir=os.fspath(builder.data_dir_root), config=builder.builder_config,
-                       version=str(builder.version))
+  return type(builder)(
+    data_dir=os.fspath(builder.data_dir_root),
+    config=builder.builder_config,
+    version=str(builder.version),
+  )
 
 
 def _read_records(path, file_format):
@@ -494,6 +537,7 @@ def _restore_alternative_formats(read_from_directory):
   but not into `info.alternative_file_formats`, the list `tfds.data_source` looks in: without
   this, a dataset converted in place (TFRecord + ArrayRecord) fails there with 'Random access
   data source for file format TFRECORD is not supported'."""
+
   @functools.wraps(read_from_directory)
   def wrapper(self, *args, **kwargs):
     read_from_directory(self, *args, **kwargs)
@@ -501,15 +545,16 @@ def _restore_alternative_formats(read_from_directory):
     for value in self.as_proto.alternative_file_formats:
       if tfds.core.FileFormat.from_value(value) not in listed:
         listed.append(tfds.core.FileFormat.from_value(value))
+
   wrapper.flaxtrain_restores_alternative_formats = True
   return wrapper
 
 
 # Applied on import, so that `tfds.data_source` works wherever flaxtrain reads data.
-if not hasattr(tfds.core.DatasetInfo.read_from_directory,
-               "flaxtrain_restores_alternative_formats"):
+if not hasattr(tfds.core.DatasetInfo.read_from_directory, "flaxtrain_restores_alternative_formats"):
   tfds.core.DatasetInfo.read_from_directory = _restore_alternative_formats(
-    tfds.core.DatasetInfo.read_from_directory)
+    tfds.core.DatasetInfo.read_from_directory
+  )
 
 
 # --------------------------------------------------------------------------- reading
@@ -522,8 +567,10 @@ def check_split(builder, split: str) -> None:
   try:
     num_examples = splits[split].num_examples  # Parses slices too, e.g. 'train[:90%]'.
   except (KeyError, ValueError) as e:
-    raise UserError(f"Dataset {builder.name} has no split {split!r}: use one of "
-                    f"{', '.join(sorted(splits))} (slices like 'train[:90%]' work too).") from e
+    raise UserError(
+      f"Dataset {builder.name} has no split {split!r}: use one of "
+      f"{', '.join(sorted(splits))} (slices like 'train[:90%]' work too)."
+    ) from e
   if not num_examples:
     raise UserError(f"Split {split!r} of dataset {builder.name} is empty: pick a larger one.")
 

@@ -25,10 +25,18 @@ from flaxtrain.errors import UserError
 
 cv2.setNumThreads(1)  # Parallelism comes from input workers and threads, not from OpenCV.
 
-_REDUCED = {1: None, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-            8: cv2.IMREAD_REDUCED_COLOR_8}
-_REDUCED_GRAY = {1: None, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
-                 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+_REDUCED = {
+  1: None,
+  2: cv2.IMREAD_REDUCED_COLOR_2,
+  4: cv2.IMREAD_REDUCED_COLOR_4,
+  8: cv2.IMREAD_REDUCED_COLOR_8,
+}
+_REDUCED_GRAY = {
+  1: None,
+  2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+  4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+  8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
+}
 
 
 class DecodeError(ValueError):
@@ -77,11 +85,11 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
       i += 1
       continue
     if marker in _SOF:
-      return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+      return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")
     if marker == 0xD8 or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # No length field.
       i += 2
       continue
-    i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
   return None
 
 
@@ -118,8 +126,9 @@ def decode(data: bytes, channels: int, scale: int = 1) -> np.ndarray:
   return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def random_resized_crop_box(rng: np.random.Generator, h: int, w: int, area_range,
-                            aspect_range, attempts: int = 10) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+  rng: np.random.Generator, h: int, w: int, area_range, aspect_range, attempts: int = 10
+) -> tuple[int, int, int, int]:
   """(y, x, height, width) of an Inception-style crop: random area and log-uniform ratio."""
   area = h * w
   log_ratio = (math.log(aspect_range[0]), math.log(aspect_range[1]))
@@ -163,7 +172,7 @@ def decode_crop_resize(data: bytes, box, size: int, channels: int, hw) -> np.nda
   h, w = image.shape[:2]
   if scale == 1 and (h, w) != tuple(hw):
     raise DecodeError(f"the header says {hw[0]}x{hw[1]} but the pixels are {h}x{w}")
-  crop = image[y:y + ch, x:x + cw]
+  crop = image[y : y + ch, x : x + cw]
   if crop.shape[:2] != (size, size):
     # Bicubic, as the Flax ImageNet example resizes; area averaging (4x slower) only where
     # shrinking by over 2x would alias, which the reduced-scale decode mostly leaves to
@@ -177,19 +186,27 @@ def decode_crop_resize(data: bytes, box, size: int, channels: int, hw) -> np.nda
 
 def check_sizes(image_size, area_range, aspect_range, crop_fraction) -> None:
   """One-sentence errors for impossible preprocessing settings."""
-  if image_size is not None and (not isinstance(image_size, int) or isinstance(image_size, bool)
-                                 or image_size <= 0):
-    raise UserError(f"dataset.image_size must be a positive integer (pixels), got "
-                    f"{image_size!r}: set --config.dataset.image_size, e.g. 224.")
+  if image_size is not None and (
+    not isinstance(image_size, int) or isinstance(image_size, bool) or image_size <= 0
+  ):
+    raise UserError(
+      f"dataset.image_size must be a positive integer (pixels), got "
+      f"{image_size!r}: set --config.dataset.image_size, e.g. 224."
+    )
   lo, hi = area_range
   if not 0 < lo <= hi <= 1:
-    raise UserError(f"augment.crop_area_range must satisfy 0 < low <= high <= 1, got "
-                    f"{tuple(area_range)}: e.g. --config.augment.crop_area_range='(0.08, 1.0)'.")
+    raise UserError(
+      f"augment.crop_area_range must satisfy 0 < low <= high <= 1, got "
+      f"{tuple(area_range)}: e.g. --config.augment.crop_area_range='(0.08, 1.0)'."
+    )
   lo, hi = aspect_range
   if not 0 < lo <= hi:
-    raise UserError(f"augment.crop_aspect_range must satisfy 0 < low <= high, got "
-                    f"{tuple(aspect_range)}: e.g. --config.augment.crop_aspect_range="
-                    "'(0.75, 1.333)'.")
+    raise UserError(
+      f"augment.crop_aspect_range must satisfy 0 < low <= high, got "
+      f"{tuple(aspect_range)}: e.g. --config.augment.crop_aspect_range="
+      "'(0.75, 1.333)'."
+    )
   if not 0 < crop_fraction <= 1:
-    raise UserError(f"dataset.eval_crop_fraction must be in (0, 1], got {crop_fraction}: "
-                    "e.g. 0.875.")
+    raise UserError(
+      f"dataset.eval_crop_fraction must be in (0, 1], got {crop_fraction}: e.g. 0.875."
+    )

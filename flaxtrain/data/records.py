@@ -50,8 +50,14 @@ class RecordError(ValueError):
 
 
 class _Steps:
-  def __init__(self, source, split: str, rows: np.ndarray, transform: preprocess.Transform,
-               shape: tuple[int, int, int]):
+  def __init__(
+    self,
+    source,
+    split: str,
+    rows: np.ndarray,
+    transform: preprocess.Transform,
+    shape: tuple[int, int, int],
+  ):
     self.source = source  # A random-access source: len(), source[i] -> {'image', 'label'}.
     self.split = split
     # This process's global rows, ascending (StreamSource._global relies on it).
@@ -65,14 +71,19 @@ class _Steps:
       record = self.source[record_id]
       image = self.transform(record["image"], rng)
     except preprocess.DecodeError as e:
-      raise RecordError(f"record {record_id} of split {self.split!r} could not be decoded "
-                        f"({e})") from e
+      raise RecordError(
+        f"record {record_id} of split {self.split!r} could not be decoded ({e})"
+      ) from e
     except (OSError, KeyError, IndexError, ValueError) as e:
-      raise RecordError(f"record {record_id} of split {self.split!r} could not be read "
-                        f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
+      raise RecordError(
+        f"record {record_id} of split {self.split!r} could not be read "
+        f"({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+      ) from e
     if image.shape != self.shape:
-      raise RecordError(f"record {record_id} of split {self.split!r} has an image of shape "
-                        f"{image.shape}, not {self.shape}")
+      raise RecordError(
+        f"record {record_id} of split {self.split!r} has an image of shape "
+        f"{image.shape}, not {self.shape}"
+      )
     return image, int(record["label"])
 
 
@@ -90,8 +101,9 @@ class TrainStep(_Steps):
     labels = np.empty((len(ids),), np.int32)
     random = self.transform.train and self.transform.random_resized_crop
     for i, (row, rid) in enumerate(zip(self.rows, ids, strict=True)):
-      rng = (np.random.default_rng([self.plan.seed, _HOST_AUGMENT, step, int(row)])
-             if random else None)
+      rng = (
+        np.random.default_rng([self.plan.seed, _HOST_AUGMENT, step, int(row)]) if random else None
+      )
       images[i], labels[i] = self.example(int(rid), rng)
     return {"image": images, "label": labels}
 
@@ -99,8 +111,7 @@ class TrainStep(_Steps):
 class EvalStep(_Steps):
   """k -> this process's rows of eval batch k; rows past the split are masked padding."""
 
-  def __init__(self, source, split, rows, transform, shape, num_eval: int,
-               eval_batch_size: int):
+  def __init__(self, source, split, rows, transform, shape, num_eval: int, eval_batch_size: int):
     super().__init__(source, split, rows, transform, shape)
     self.num_eval = num_eval
     self.eval_batch_size = eval_batch_size

@@ -49,30 +49,37 @@ def validate(config: ml_collections.ConfigDict) -> None:
   ds, aug = config.dataset, config.augment
   if ds.source not in SOURCES:
     raise UserError(f"dataset.source must be one of {', '.join(SOURCES)}, got {ds.source!r}.")
-  preprocess.check_sizes(ds.image_size, aug.crop_area_range, aug.crop_aspect_range,
-                         ds.eval_crop_fraction)
+  preprocess.check_sizes(
+    ds.image_size, aug.crop_area_range, aug.crop_aspect_range, ds.eval_crop_fraction
+  )
   from flaxtrain.data import stream  # Grain is imported only where it is used.
 
   stream.check_workers(ds.workers, ds.threads, ds.prefetch)
   for key in ("mean", "std"):
     value = ds[key]
-    if value is not None and (len(value) not in (1, 3) or
-                              (key == "std" and min(value) <= 0)):
-      raise UserError(f"dataset.{key} must be None or 1 or 3 numbers in pixel units (0-255)"
-                      f"{', all positive' if key == 'std' else ''}, got {value!r}.")
+    if value is not None and (len(value) not in (1, 3) or (key == "std" and min(value) <= 0)):
+      raise UserError(
+        f"dataset.{key} must be None or 1 or 3 numbers in pixel units (0-255)"
+        f"{', all positive' if key == 'std' else ''}, got {value!r}."
+      )
   if (ds.mean is None) != (ds.std is None):
-    raise UserError("dataset.mean and dataset.std go together: set both, or neither for "
-                    "pixels scaled to [0, 1].")
+    raise UserError(
+      "dataset.mean and dataset.std go together: set both, or neither for pixels scaled to [0, 1]."
+    )
   if ds.mean is not None and config.task.name == "reconstruction":
-    raise UserError("The reconstruction task learns to output the pixels in [0, 1]: unset "
-                    "dataset.mean and dataset.std.")
+    raise UserError(
+      "The reconstruction task learns to output the pixels in [0, 1]: unset "
+      "dataset.mean and dataset.std."
+    )
 
 
 def _check_normalization(ds, channels: int) -> None:
   for key in ("mean", "std"):
     if ds[key] is not None and len(ds[key]) not in (1, channels):
-      raise UserError(f"dataset.{key} has {len(ds[key])} values but {ds.name}'s images have "
-                      f"{channels} channel(s): give 1 or {channels}.")
+      raise UserError(
+        f"dataset.{key} has {len(ds[key])} values but {ds.name}'s images have "
+        f"{channels} channel(s): give 1 or {channels}."
+      )
 
 
 def inspect(config: ml_collections.ConfigDict) -> Facts:
@@ -95,12 +102,16 @@ def choose(config: ml_collections.ConfigDict, facts: Facts) -> str:
   resized = ds.image_size is not None and (facts.varies or (h, w) != (ds.image_size,) * 2)
   if ds.source == "memory":
     if facts.varies:
-      raise UserError(f"Dataset {ds.name!r} has images of varying size {facts.image_shape}, "
-                      "which cannot be held as one array in memory: set "
-                      "--config.dataset.source=stream (or auto).")
+      raise UserError(
+        f"Dataset {ds.name!r} has images of varying size {facts.image_shape}, "
+        "which cannot be held as one array in memory: set "
+        "--config.dataset.source=stream (or auto)."
+      )
     if resized or aug.random_resized_crop:
-      raise UserError("dataset.image_size and augment.random_resized_crop are done on the "
-                      "host while streaming: set --config.dataset.source=stream (or auto).")
+      raise UserError(
+        "dataset.image_size and augment.random_resized_crop are done on the "
+        "host while streaming: set --config.dataset.source=stream (or auto)."
+      )
     return "memory"
   if ds.source == "stream":
     return "stream"
@@ -124,8 +135,7 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
   """Makes the dataset ready for the source this config will use (ArrayRecord to stream)."""
   ds = config.dataset
   if choose(config, inspect(config)) == "stream":
-    prepare.prepare(ds.name, data_dir=ds.data_dir, manual_dir=ds.manual_dir,
-                    random_access=True)
+    prepare.prepare(ds.name, data_dir=ds.data_dir, manual_dir=ds.manual_dir, random_access=True)
 
 
 def make(config: ml_collections.ConfigDict, par: parallel.DataParallel):
@@ -136,12 +146,23 @@ def make(config: ml_collections.ConfigDict, par: parallel.DataParallel):
   if kind == "stream":
     return _stream(config, par)
   ds = config.dataset
-  spec, train, evald = memory.load(ds.name, data_dir=ds.data_dir, manual_dir=ds.manual_dir,
-                                   train_split=ds.train_split, eval_split=ds.eval_split)
+  spec, train, evald = memory.load(
+    ds.name,
+    data_dir=ds.data_dir,
+    manual_dir=ds.manual_dir,
+    train_split=ds.train_split,
+    eval_split=ds.eval_split,
+  )
   augment.validate(config.augment, spec.image_shape)
   source = memory.MemorySource(
-      train, evald, par=par, seed=config.seed, batch_size=config.batch_size,
-      eval_batch_size=config.eval_batch_size, on_device=ds.on_device)
+    train,
+    evald,
+    par=par,
+    seed=config.seed,
+    batch_size=config.batch_size,
+    eval_batch_size=config.eval_batch_size,
+    on_device=ds.on_device,
+  )
   return spec, source
 
 
@@ -157,24 +178,34 @@ def transforms(image_shape, config: ml_collections.ConfigDict):
   h, w, c = image_shape
   c = c or 3
   if c not in (1, 3):
-    raise UserError(f"Dataset {ds.name!r} has {c}-channel images: streaming decodes 1 "
-                    "(grayscale) or 3 (RGB) channels.")
+    raise UserError(
+      f"Dataset {ds.name!r} has {c}-channel images: streaming decodes 1 "
+      "(grayscale) or 3 (RGB) channels."
+    )
   varies = h is None or w is None
   size = ds.image_size or (DEFAULT_VARYING_SIZE if varies else None)
   if size is None and aug.random_resized_crop:
     if h != w:
-      raise UserError(f"augment.random_resized_crop makes square crops, and {ds.name}'s "
-                      f"images are {h}x{w}: set --config.dataset.image_size.")
+      raise UserError(
+        f"augment.random_resized_crop makes square crops, and {ds.name}'s "
+        f"images are {h}x{w}: set --config.dataset.image_size."
+      )
     size = h
   as_stored = size is None or (h, w) == (size, size)
-  common = dict(size=None if as_stored else size, channels=c,
-                area_range=tuple(aug.crop_area_range), aspect_range=tuple(aug.crop_aspect_range))
-  eval_t = preprocess.Transform(train=False, **common,
-                                crop_fraction=ds.eval_crop_fraction if varies else 1.0)
+  common = dict(
+    size=None if as_stored else size,
+    channels=c,
+    area_range=tuple(aug.crop_area_range),
+    aspect_range=tuple(aug.crop_aspect_range),
+  )
+  eval_t = preprocess.Transform(
+    train=False, **common, crop_fraction=ds.eval_crop_fraction if varies else 1.0
+  )
   if aug.random_resized_crop:
     common["size"] = size  # Crops are resized even when the images have that size.
-  train_t = preprocess.Transform(train=True, random_resized_crop=aug.random_resized_crop,
-                                 crop_fraction=1.0, **common)
+  train_t = preprocess.Transform(
+    train=True, random_resized_crop=aug.random_resized_crop, crop_fraction=1.0, **common
+  )
   return ((h, w, c) if size is None else (size, size, c)), train_t, eval_t
 
 
@@ -184,8 +215,9 @@ def _stream(config: ml_collections.ConfigDict, par: parallel.DataParallel):
   from flaxtrain.data import stream
 
   ds = config.dataset
-  builder = prepare.prepare(ds.name, data_dir=ds.data_dir, manual_dir=ds.manual_dir,
-                            random_access=True)
+  builder = prepare.prepare(
+    ds.name, data_dir=ds.data_dir, manual_dir=ds.manual_dir, random_access=True
+  )
   for split in (ds.train_split, ds.eval_split):
     prepare.check_split(builder, split)
   shape, train_t, eval_t = transforms(builder.info.features["image"].shape, config)
@@ -197,12 +229,29 @@ def _stream(config: ml_collections.ConfigDict, par: parallel.DataParallel):
   train_records, eval_records = records(ds.train_split), records(ds.eval_split)
   label = builder.info.features["label"]
   spec = prepare.DatasetSpec(
-      name=ds.name, image_shape=shape, num_classes=label.num_classes,
-      class_names=tuple(label.names), train_split=ds.train_split, eval_split=ds.eval_split,
-      num_train=len(train_records), num_eval=len(eval_records))
+    name=ds.name,
+    image_shape=shape,
+    num_classes=label.num_classes,
+    class_names=tuple(label.names),
+    train_split=ds.train_split,
+    eval_split=ds.eval_split,
+    num_train=len(train_records),
+    num_eval=len(eval_records),
+  )
   source = stream.StreamSource(
-      train_records, eval_records, par=par, image_shape=shape, seed=config.seed,
-      batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
-      train_transform=train_t, eval_transform=eval_t, train_split=ds.train_split,
-      eval_split=ds.eval_split, workers=ds.workers, threads=ds.threads, prefetch=ds.prefetch)
+    train_records,
+    eval_records,
+    par=par,
+    image_shape=shape,
+    seed=config.seed,
+    batch_size=config.batch_size,
+    eval_batch_size=config.eval_batch_size,
+    train_transform=train_t,
+    eval_transform=eval_t,
+    train_split=ds.train_split,
+    eval_split=ds.eval_split,
+    workers=ds.workers,
+    threads=ds.threads,
+    prefetch=ds.prefetch,
+  )
   return spec, source

@@ -22,8 +22,14 @@ def _cnn(cfg, num_classes, dtype, image_shape):
   conv = cfg.get("conv", "auto")
   if conv not in simple.CONV_IMPLS:
     raise UserError(f"model.conv must be one of {', '.join(simple.CONV_IMPLS)}, got {conv!r}.")
-  return simple.CNN(num_classes, features=tuple(cfg.features), dense=tuple(cfg.dense),
-                    dropout=cfg.get("dropout", 0.0), dtype=dtype, conv=conv)
+  return simple.CNN(
+    num_classes,
+    features=tuple(cfg.features),
+    dense=tuple(cfg.dense),
+    dropout=cfg.get("dropout", 0.0),
+    dtype=dtype,
+    conv=conv,
+  )
 
 
 def _mlp(cfg, num_classes, dtype, image_shape):
@@ -32,49 +38,70 @@ def _mlp(cfg, num_classes, dtype, image_shape):
 
 def _resnet(stage_sizes, block, stem):
   def make(cfg, num_classes, dtype, image_shape):
-    return resnet.ResNet(num_classes, stage_sizes=stage_sizes, block=block,
-                         width=cfg.get("width", 64), stem=cfg.get("stem", stem),
-                         dropout=cfg.get("dropout", 0.0), dtype=dtype)
+    return resnet.ResNet(
+      num_classes,
+      stage_sizes=stage_sizes,
+      block=block,
+      width=cfg.get("width", 64),
+      stem=cfg.get("stem", stem),
+      dropout=cfg.get("dropout", 0.0),
+      dtype=dtype,
+    )
+
   return make
 
 
 def _resnet_small(cfg, num_classes, dtype, image_shape):
   """A ResNet of basic blocks with the 3x3 stem: `stage_sizes` and `width` from config."""
   strides = cfg.get("stage_strides", None)
-  return resnet.ResNet(num_classes, stage_sizes=tuple(cfg.stage_sizes), block="basic",
-                       width=cfg.width, stem="small",
-                       stage_strides=tuple(strides) if strides else None,
-                       dropout=cfg.get("dropout", 0.0), dtype=dtype)
+  return resnet.ResNet(
+    num_classes,
+    stage_sizes=tuple(cfg.stage_sizes),
+    block="basic",
+    width=cfg.width,
+    stem="small",
+    stage_strides=tuple(strides) if strides else None,
+    dropout=cfg.get("dropout", 0.0),
+    dtype=dtype,
+  )
 
 
 def _wrn(cfg, num_classes, dtype, image_shape):
   if (cfg.depth - 4) % 6 or cfg.depth < 10:
-    raise UserError(f"model.depth must be 6n+4 (e.g. 16, 22, 28, 40) for a WideResNet, got "
-                    f"{cfg.depth}.")
-  return resnet.WideResNet(num_classes, depth=cfg.depth, widen=cfg.widen,
-                           dropout=cfg.get("dropout", 0.0), dtype=dtype)
+    raise UserError(
+      f"model.depth must be 6n+4 (e.g. 16, 22, 28, 40) for a WideResNet, got {cfg.depth}."
+    )
+  return resnet.WideResNet(
+    num_classes, depth=cfg.depth, widen=cfg.widen, dropout=cfg.get("dropout", 0.0), dtype=dtype
+  )
 
 
 def _autoencoder(cfg, num_classes, dtype, image_shape):
-  return autoencoder.AutoEncoder(tuple(image_shape), encoder=tuple(cfg.encoder),
-                                 latent=cfg.latent, decoder=tuple(cfg.decoder),
-                                 activity_l1=cfg.get("activity_l1", 0.0), dtype=dtype)
+  return autoencoder.AutoEncoder(
+    tuple(image_shape),
+    encoder=tuple(cfg.encoder),
+    latent=cfg.latent,
+    decoder=tuple(cfg.decoder),
+    activity_l1=cfg.get("activity_l1", 0.0),
+    dtype=dtype,
+  )
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    "cnn": _cnn,
-    "mlp": _mlp,
-    "resnet18": _resnet((2, 2, 2, 2), "basic", "imagenet"),
-    "resnet34": _resnet((3, 4, 6, 3), "basic", "imagenet"),
-    "resnet50": _resnet((3, 4, 6, 3), "bottleneck", "imagenet"),
-    "resnet_small": _resnet_small,
-    "wide_resnet": _wrn,
-    "autoencoder": _autoencoder,
+  "cnn": _cnn,
+  "mlp": _mlp,
+  "resnet18": _resnet((2, 2, 2, 2), "basic", "imagenet"),
+  "resnet34": _resnet((3, 4, 6, 3), "basic", "imagenet"),
+  "resnet50": _resnet((3, 4, 6, 3), "bottleneck", "imagenet"),
+  "resnet_small": _resnet_small,
+  "wide_resnet": _wrn,
+  "autoencoder": _autoencoder,
 }
 
 
-def get(cfg: ml_collections.ConfigDict, num_classes: int, dtype=jnp.float32,
-        image_shape=(28, 28, 1)) -> nn.Module:
+def get(
+  cfg: ml_collections.ConfigDict, num_classes: int, dtype=jnp.float32, image_shape=(28, 28, 1)
+) -> nn.Module:
   factory = registry.lookup(MODELS, cfg.name, "model", "model.name")
   try:
     return factory(cfg, num_classes, dtype, image_shape)

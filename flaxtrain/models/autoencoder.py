@@ -35,8 +35,11 @@ class AutoEncoder(nn.Module):
       x = nn.relu(layer(x))
     z = self.enc[-1](x)
     if self.activity_l1:
-      self.sow("losses", "activity_l1",
-               self.activity_l1 * jnp.mean(jnp.sum(jnp.abs(z.astype(jnp.float32)), -1)))
+      self.sow(
+        "losses",
+        "activity_l1",
+        self.activity_l1 * jnp.mean(jnp.sum(jnp.abs(z.astype(jnp.float32)), -1)),
+      )
     return z
 
   def decode(self, z):

@@ -22,7 +22,7 @@ def patches_3x3(x):
   """[B, H, W, C] -> [B*H*W, 9*C]: each pixel's 3x3 SAME neighbourhood, HWIO order."""
   b, h, w, c = x.shape
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  cols = [xp[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)]
+  cols = [xp[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)]
   return jnp.concatenate(cols, axis=-1).reshape(b * h * w, 9 * c)
 
 
@@ -55,23 +55,43 @@ def _conv3x3_bwd(residuals, g):
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         max_patch_bytes=None, **kwargs):
+def conv_general_dilated(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  max_patch_bytes=None,
+  **kwargs,
+):
   """Drop-in for `lax.conv_general_dilated` (flax's `nn.Conv(conv_general_dilated=...)`):
   3x3 stride-1 SAME NHWC convolutions go through `conv3x3`, anything else through XLA,
   as do convolutions whose patch matrix would exceed `max_patch_bytes` (if given)."""
   patch_bytes = lhs.size * 9 * jnp.dtype(lhs.dtype).itemsize
   eligible = (
-      (max_patch_bytes is None or patch_bytes <= max_patch_bytes)
-      and lhs.ndim == 4 and rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1)
-      and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
-      and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
-      and feature_group_count == 1
-      and (padding == "SAME" or [tuple(p) for p in padding] == [(1, 1), (1, 1)])
-      and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
+    (max_patch_bytes is None or patch_bytes <= max_patch_bytes)
+    and lhs.ndim == 4
+    and rhs.shape[:2] == (3, 3)
+    and tuple(window_strides) == (1, 1)
+    and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
+    and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
+    and feature_group_count == 1
+    and (padding == "SAME" or [tuple(p) for p in padding] == [(1, 1), (1, 1)])
+    and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
+  )
   if eligible:
     return conv3x3(lhs, rhs)
-  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                                  rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                                  feature_group_count=feature_group_count, **kwargs)
+  return lax.conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dimension_numbers,
+    feature_group_count=feature_group_count,
+    **kwargs,
+  )

@@ -21,9 +21,15 @@ from flaxtrain import parallel
 
 
 def _norm(train: bool, dtype, **kw):
-  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                           epsilon=1e-5, dtype=dtype,
-                           axis_name=parallel.AXIS if train else None, **kw)
+  return functools.partial(
+    nn.BatchNorm,
+    use_running_average=not train,
+    momentum=0.9,
+    epsilon=1e-5,
+    dtype=dtype,
+    axis_name=parallel.AXIS if train else None,
+    **kw,
+  )
 
 
 def _global_average_pool(x):
@@ -91,13 +97,15 @@ class ResNet(nn.Module):
   def __call__(self, x, *, train: bool = False):
     norm = _norm(train, self.dtype)
     if self.stem == "imagenet":
-      x = nn.Conv(self.width, (7, 7), (2, 2), padding=3, use_bias=False, dtype=self.dtype,
-                  name="conv_init")(x)
+      x = nn.Conv(
+        self.width, (7, 7), (2, 2), padding=3, use_bias=False, dtype=self.dtype, name="conv_init"
+      )(x)
       x = nn.relu(norm(name="bn_init")(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     else:
-      x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, dtype=self.dtype,
-                  name="conv_init")(x)
+      x = nn.Conv(
+        self.width, (3, 3), padding=1, use_bias=False, dtype=self.dtype, name="conv_init"
+      )(x)
       x = nn.relu(norm(name="bn_init")(x))
     block = BLOCKS[self.block]
     stage_strides = self.stage_strides or [1] + [2] * (len(self.stage_sizes) - 1)

@@ -31,10 +31,8 @@ def conv_function(impl: str, train: bool):
   """
   if impl == "im2col":
     return im2col.conv_general_dilated
-  if (impl == "auto" and train and jax.default_backend() == "cpu"
-      and jax.local_device_count() == 1):
-    return functools.partial(im2col.conv_general_dilated,
-                             max_patch_bytes=AUTO_MAX_PATCH_BYTES)
+  if impl == "auto" and train and jax.default_backend() == "cpu" and jax.local_device_count() == 1:
+    return functools.partial(im2col.conv_general_dilated, max_patch_bytes=AUTO_MAX_PATCH_BYTES)
   return jax.lax.conv_general_dilated
 
 
