@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from clu import parameter_overview
 
-from flaxtrain import train, workdirs
+from flaxtrain import steps, workdirs
 
 TIMED_STEPS = 10
 
@@ -82,7 +82,7 @@ def forward_flops(exp, variables) -> float | None:
   """FLOPs of the model on one eval example, from XLA's cost analysis."""
   x = jnp.zeros((1, *exp.spec.image_shape), jnp.uint8)
   fn = jax.jit(
-    lambda v, x: exp.model.apply(v, train.preprocess(x, exp.dtype, exp.norm), train=False)
+    lambda v, x: exp.model.apply(v, steps.preprocess(x, exp.dtype, exp.norm), train=False)
   )
   return _flops(fn.lower(variables, x).compile().cost_analysis())
 

@@ -20,14 +20,14 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from flaxtrain import evaluate, train, workdirs
+from flaxtrain import evaluate, steps, workdirs
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
 
 def _outputs(exp, variables, images):
   """uint8 images -> the task's predictions: class probabilities, or images in [0, 1]."""
-  x = train.preprocess(images, exp.dtype, exp.norm)
+  x = steps.preprocess(images, exp.dtype, exp.norm)
   return exp.task.predict(exp.model.apply(variables, x, train=False))
 
 

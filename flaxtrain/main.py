@@ -171,9 +171,9 @@ def _run():
   if FLAGS.mode == "train":
     _train(FLAGS.config, workdir)
     return
-  from flaxtrain import train
+  from flaxtrain import experiment
 
-  exp = train.Experiment(FLAGS.config)
+  exp = experiment.Experiment(FLAGS.config)
   text = _mode(exp, workdir, step)
   if exp.par.process_index == 0:
     print(text, flush=True)
@@ -199,11 +199,11 @@ _READ_RUN = ("eval", "report", "export")
 def _train(config, workdir: str):
   import jax
 
-  from flaxtrain import progress, train
+  from flaxtrain import loop, progress
 
   bar = progress.Progress(process_index=jax.process_index())
   try:
-    summary = train.train_and_evaluate(config, workdir, progress=bar)
+    summary = loop.train_and_evaluate(config, workdir, progress=bar)
   finally:
     bar.close()
   if "eval_examples" in summary:  # Not after a stop signal.

@@ -114,11 +114,12 @@ def worker_flaxtrain(spec: dict) -> dict:
 
   from flaxtrain import (
     checkpointing,
+    loop,
     main,
     models,
     parallel,
+    steps,
     tasks,
-    train,
   )
   from flaxtrain.data import memory
 
@@ -205,7 +206,7 @@ def worker_flaxtrain(spec: dict) -> dict:
     return out
 
   memory.load = load
-  orig_tae = train.train_and_evaluate
+  orig_tae = loop.train_and_evaluate
 
   def train_and_evaluate(config, workdir, *a, **k):
     captured["config"], captured["t_call"] = config, time.time()
@@ -213,7 +214,7 @@ def worker_flaxtrain(spec: dict) -> dict:
     captured["summary"] = summary
     return summary
 
-  train.train_and_evaluate = train_and_evaluate
+  loop.train_and_evaluate = train_and_evaluate
 
   sys.argv = ["flaxtrain", *spec["cli_args"]]
   try:
@@ -273,14 +274,14 @@ def worker_flaxtrain(spec: dict) -> dict:
   par = parallel.DataParallel()
   n_dev = par.num_devices
   model = models.get(
-    config.model, ds.num_classes, train.DTYPES[config.compute_dtype], ds.image_shape
+    config.model, ds.num_classes, steps.DTYPES[config.compute_dtype], ds.image_shape
   )
-  flops_per_device = train.step_flops(
+  flops_per_device = steps.step_flops(
     model,
     tasks.get(config.task, ds.num_classes),
     ds.image_shape,
     batch // n_dev,
-    train.DTYPES[config.compute_dtype],
+    steps.DTYPES[config.compute_dtype],
   )
   step_s = batch / ex_per_s if ex_per_s else None
   steps_per_epoch = ds.num_train // batch

@@ -27,9 +27,9 @@ def test_config_loads_locks_and_documents_its_launch_command(name):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_is_valid(name):
-  from flaxtrain import parallel, train
+  from flaxtrain import experiment, parallel
 
-  train.validate(load_config(name), parallel.DataParallel())
+  experiment.validate(load_config(name), parallel.DataParallel())
 
 
 def test_typo_in_override_suggests_the_field():

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, patch_synthetic, tiny_config
 
-from flaxtrain import checkpointing, train
+from flaxtrain import checkpointing, loop
 from flaxtrain.data import prepare
 from flaxtrain.errors import UserError
 
@@ -318,7 +318,7 @@ def test_disk_full_in_a_background_save_ends_in_one_sentence(synthetic_data, tmp
   c = tiny_config(num_train_steps=24, checkpoint_every_steps=8)
   directory = tmp_path / "checkpoints"
   with pytest.raises(UserError) as e:
-    train.train_and_evaluate(c, str(tmp_path))
+    loop.train_and_evaluate(c, str(tmp_path))
   assert str(e.value) == (
     f"No space left on device while saving the checkpoint at step 16 in {directory}; the "
     "last complete checkpoint (step 8) is kept: free space or use another --workdir."
@@ -328,7 +328,7 @@ def test_disk_full_in_a_background_save_ends_in_one_sentence(synthetic_data, tmp
 
   # With space again, the same config resumes from step 8 and finishes.
   monkeypatch.setattr(orbax_async, "_on_commit_callback", commit)
-  done = train.train_and_evaluate(c, str(tmp_path))
+  done = loop.train_and_evaluate(c, str(tmp_path))
   assert done["step"] == 24
 
 
@@ -430,7 +430,7 @@ def test_unreadable_latest_warns_and_restores_the_previous(tmp_path, damage, cap
 
 
 def test_restore_of_a_step_falls_back_too(tmp_path):
-  # train.py calls restore(latest_step(), state): the state's own step says what it got.
+  # loop.py calls restore(latest_step(), state): the state's own step says what it got.
   _two_checkpoints(tmp_path)
   _truncate("default/ocdbt.process_0/d/*")(tmp_path / "20")
   state = checkpointing.Checkpointer(str(tmp_path)).restore(20, _small_state(0))
@@ -475,14 +475,14 @@ def trained(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("trained")
   with pytest.MonkeyPatch.context() as mp:
     patch_synthetic(mp)
-    train.train_and_evaluate(tiny_config(num_train_steps=8), str(workdir))
+    loop.train_and_evaluate(tiny_config(num_train_steps=8), str(workdir))
   return workdir
 
 
 def _rerun_in(trained, tmp_path, **overrides):
   workdir = tmp_path / "run"
   shutil.copytree(trained, workdir)
-  train.train_and_evaluate(tiny_config(num_train_steps=16, **overrides), str(workdir))
+  loop.train_and_evaluate(tiny_config(num_train_steps=16, **overrides), str(workdir))
 
 
 def test_other_model_width_names_the_entry_and_both_shapes(trained, synthetic_data, tmp_path):

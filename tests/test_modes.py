@@ -14,7 +14,17 @@ from conftest import load_config, patch_synthetic, tiny_config
 from PIL import Image
 from test_cli import flaxtrain
 
-from flaxtrain import config_lib, describe, evaluate, export, report, train, workdirs
+from flaxtrain import (
+  config_lib,
+  describe,
+  evaluate,
+  experiment,
+  export,
+  loop,
+  report,
+  steps,
+  workdirs,
+)
 from flaxtrain.errors import UserError
 
 # tiny_config's CNN on 28x28x1, 10 classes: conv 8 + conv 16 + dense 784->32 + dense 32->10.
@@ -28,8 +38,8 @@ def run(tmp_path_factory):
     patch_synthetic(mp)
     config = tiny_config()
     workdir = tmp_path_factory.mktemp("modes") / "run"
-    summary = train.train_and_evaluate(config, str(workdir))
-    exp = train.Experiment(config)
+    summary = loop.train_and_evaluate(config, str(workdir))
+    exp = experiment.Experiment(config)
   return types.SimpleNamespace(workdir=workdir, config=config, summary=summary, exp=exp)
 
 
@@ -106,7 +116,7 @@ def test_export_round_trip(run):
   images = run.exp.data.eval["image"]
   for n in (3, 7):  # The batch dimension is symbolic.
     expected = jax.nn.softmax(
-      run.exp.model.apply(variables, train.preprocess(images[:n], run.exp.dtype), train=False)
+      run.exp.model.apply(variables, steps.preprocess(images[:n], run.exp.dtype), train=False)
     )
     np.testing.assert_allclose(exported.call(images[:n]), expected, atol=1e-5)
   meta = json.loads((out / "metadata.json").read_text())
@@ -124,8 +134,8 @@ def test_reconstruction_report_and_export(tmp_path, synthetic_data):
   config = tiny_config(num_train_steps=16, eval_every_steps=16, **{"task.name": "reconstruction"})
   config.model = config_lib.autoencoder_model(encoder=(32,), latent=8, decoder=(32,))
   workdir = str(tmp_path / "ae")
-  train.train_and_evaluate(config, workdir)
-  exp = train.Experiment(config)
+  loop.train_and_evaluate(config, workdir)
+  exp = experiment.Experiment(config)
   out = report.run(exp, workdir)
   assert {p.name for p in out.iterdir()} == {"reconstructions.png", "curves.png", "report.md"}
   assert "eval_mse" in (out / "report.md").read_text()
@@ -135,7 +145,7 @@ def test_reconstruction_report_and_export(tmp_path, synthetic_data):
   images = exp.data.eval["image"][:4]
   reconstructed = exported.call(images)
   assert reconstructed.shape == images.shape
-  expected = jax.nn.sigmoid(exp.model.apply(variables, train.preprocess(images, exp.dtype)))
+  expected = jax.nn.sigmoid(exp.model.apply(variables, steps.preprocess(images, exp.dtype)))
   np.testing.assert_allclose(reconstructed, expected, atol=1e-5)
 
 

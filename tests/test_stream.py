@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, make_image_dataset, tiny_config
 
-from flaxtrain import parallel, train
+from flaxtrain import experiment, parallel
 from flaxtrain.data import preprocess, sources
 from flaxtrain.errors import UserError
 
@@ -103,10 +103,10 @@ def test_large_jpegs_decode_at_a_reduced_scale_to_nearly_the_same_pixels():
 
 def test_stream_and_memory_give_bitwise_the_same_batches_and_parameters(data_dir):
   """Fixed-size PNGs: the streamed batches are the in-memory ones, and so are the steps."""
-  mem = train.Experiment(
+  mem = experiment.Experiment(
     _config(data_dir, FIXED, **{"dataset.source": "memory", "dataset.on_device": "false"})
   )
-  strm = train.Experiment(
+  strm = experiment.Experiment(
     _config(data_dir, FIXED, **{"dataset.source": "stream", "dataset.workers": 0})
   )
   assert strm.data.description.startswith("streamed")
@@ -188,7 +188,7 @@ def test_auto_source_streams_what_memory_cannot_hold(data_dir):
 )
 def test_bad_streaming_settings_are_one_sentence(data_dir, overrides, message):
   with pytest.raises(UserError, match=message) as err:
-    train.validate(_config(data_dir, **overrides), parallel.DataParallel())
+    experiment.validate(_config(data_dir, **overrides), parallel.DataParallel())
   assert "\n" not in str(err.value)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from flaxtrain import checkpointing, parallel, preemption, train
+from flaxtrain import checkpointing, loop, parallel, preemption, steps
 
 
 def _events(workdir):
@@ -30,7 +30,7 @@ def _events(workdir):
 
 def test_trains_on_four_devices_and_writes_everything(synthetic_data, tmp_path):
   c = tiny_config()
-  summary = train.train_and_evaluate(c, str(tmp_path))
+  summary = loop.train_and_evaluate(c, str(tmp_path))
   assert summary["devices"] == 4
   assert summary["step"] == 64  # 2 epochs of 2048 // 64.
   assert summary["eval_examples"] == 500  # Exact: 500 is not a multiple of 128.
@@ -49,16 +49,16 @@ def test_trains_on_four_devices_and_writes_everything(synthetic_data, tmp_path):
 
 
 def test_resume_continues_from_the_saved_step_and_matches(synthetic_data, tmp_path, monkeypatch):
-  full = train.train_and_evaluate(tiny_config(), str(tmp_path / "full"))
+  full = loop.train_and_evaluate(tiny_config(), str(tmp_path / "full"))
   # Stop as a preemption would, after step 24 (mid-epoch), then rerun the same config.
   original = preemption.Stopper.should_stop
   monkeypatch.setattr(preemption.Stopper, "should_stop", lambda self, step: step >= 24)
-  stopped = train.train_and_evaluate(tiny_config(), str(tmp_path / "resumed"))
+  stopped = loop.train_and_evaluate(tiny_config(), str(tmp_path / "resumed"))
   assert stopped == {"step": 24, "stopped": True}
   ckpt = checkpointing.Checkpointer(str(tmp_path / "resumed" / "checkpoints"))
   assert ckpt.latest_step() == 24
   monkeypatch.setattr(preemption.Stopper, "should_stop", original)
-  resumed = train.train_and_evaluate(tiny_config(), str(tmp_path / "resumed"))
+  resumed = loop.train_and_evaluate(tiny_config(), str(tmp_path / "resumed"))
   assert resumed["step"] == 64
   # Same batches and updates as the uninterrupted run: bitwise on CPU.
   assert resumed["eval_loss"] == full["eval_loss"]
@@ -67,9 +67,9 @@ def test_resume_continues_from_the_saved_step_and_matches(synthetic_data, tmp_pa
 
 def test_rerunning_a_finished_run_trains_nothing(synthetic_data, tmp_path):
   c = tiny_config(num_train_steps=16)
-  first = train.train_and_evaluate(c, str(tmp_path))
+  first = loop.train_and_evaluate(c, str(tmp_path))
   mtime = (tmp_path / "summary.json").stat().st_mtime_ns
-  again = train.train_and_evaluate(c, str(tmp_path))
+  again = loop.train_and_evaluate(c, str(tmp_path))
   assert again["step"] == 16 and again["eval_loss"] == first["eval_loss"]
   assert (tmp_path / "summary.json").stat().st_mtime_ns == mtime
 
@@ -77,27 +77,27 @@ def test_rerunning_a_finished_run_trains_nothing(synthetic_data, tmp_path):
 def test_one_device_and_four_devices_agree(synthetic_data, tmp_path):
   # SGD: adam's normalisation amplifies last-bit differences while the loss drops fast.
   c = tiny_config(num_train_steps=20, **{"optimizer.name": "sgd"})
-  one = train.train_and_evaluate(
+  one = loop.train_and_evaluate(
     c, str(tmp_path / "one"), par=parallel.DataParallel(jax.devices()[:1])
   )
-  four = train.train_and_evaluate(c, str(tmp_path / "four"))
+  four = loop.train_and_evaluate(c, str(tmp_path / "four"))
   assert one["devices"] == 1 and four["devices"] == 4
   assert abs(one["eval_loss"] - four["eval_loss"]) < 1e-4
 
 
 def test_host_gathered_batches_give_the_same_run(synthetic_data, tmp_path):
-  a = train.train_and_evaluate(tiny_config(num_train_steps=12), str(tmp_path / "dev"))
-  b = train.train_and_evaluate(
+  a = loop.train_and_evaluate(tiny_config(num_train_steps=12), str(tmp_path / "dev"))
+  b = loop.train_and_evaluate(
     tiny_config(num_train_steps=12, **{"dataset.on_device": "false"}), str(tmp_path / "host")
   )
   assert a["eval_loss"] == b["eval_loss"]
 
 
 def test_steps_per_dispatch_does_not_change_results(synthetic_data, tmp_path):
-  a = train.train_and_evaluate(
+  a = loop.train_and_evaluate(
     tiny_config(num_train_steps=12, steps_per_dispatch=1), str(tmp_path / "k1")
   )
-  b = train.train_and_evaluate(
+  b = loop.train_and_evaluate(
     tiny_config(num_train_steps=12, steps_per_dispatch=5), str(tmp_path / "k5")
   )
   assert a["eval_loss"] == b["eval_loss"]
@@ -105,17 +105,17 @@ def test_steps_per_dispatch_does_not_change_results(synthetic_data, tmp_path):
 
 def test_nan_stops_training_without_saving_it(synthetic_data, tmp_path, monkeypatch):
   c = tiny_config(checkpoint_every_steps=8)
-  monkeypatch.setenv(train.NAN_STEP_ENV, "13")
-  with pytest.raises(train.TrainingError, match="non-finite at step 13.*step 8"):
-    train.train_and_evaluate(c, str(tmp_path))
+  monkeypatch.setenv(steps.NAN_STEP_ENV, "13")
+  with pytest.raises(loop.TrainingError, match="non-finite at step 13.*step 8"):
+    loop.train_and_evaluate(c, str(tmp_path))
   ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
   assert ckpt.latest_step() == 8
   assert not (tmp_path / "summary.json").exists()
 
 
 def test_nan_skip_mode_counts_and_continues(synthetic_data, tmp_path, monkeypatch):
-  monkeypatch.setenv(train.NAN_STEP_ENV, "5")
-  summary = train.train_and_evaluate(
+  monkeypatch.setenv(steps.NAN_STEP_ENV, "5")
+  summary = loop.train_and_evaluate(
     tiny_config(num_train_steps=16, nonfinite="skip"), str(tmp_path)
   )
   assert summary["step"] == 16 and np.isfinite(summary["eval_loss"])
@@ -124,15 +124,15 @@ def test_nan_skip_mode_counts_and_continues(synthetic_data, tmp_path, monkeypatc
 
 
 def test_batch_not_divisible_by_devices_fails_before_writing(synthetic_data, tmp_path):
-  with pytest.raises(train.UserError, match="does not divide by the 4 devices"):
-    train.train_and_evaluate(tiny_config(batch_size=66), str(tmp_path / "w"))
+  with pytest.raises(steps.UserError, match="does not divide by the 4 devices"):
+    loop.train_and_evaluate(tiny_config(batch_size=66), str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
 
 
 def test_init_from_starts_a_new_run_from_another_runs_params(synthetic_data, tmp_path):
-  first = train.train_and_evaluate(tiny_config(num_train_steps=32), str(tmp_path / "a"))
+  first = loop.train_and_evaluate(tiny_config(num_train_steps=32), str(tmp_path / "a"))
   # A learning rate too small to move anything: the new run evaluates the old params.
-  tuned = train.train_and_evaluate(
+  tuned = loop.train_and_evaluate(
     tiny_config(
       num_train_steps=1, init_from=str(tmp_path / "a"), **{"optimizer.learning_rate": 1e-12}
     ),
@@ -140,7 +140,7 @@ def test_init_from_starts_a_new_run_from_another_runs_params(synthetic_data, tmp
   )
   assert tuned["step"] == 1
   assert tuned["eval_loss"] == pytest.approx(first["eval_loss"], abs=1e-5)
-  with pytest.raises(train.UserError, match="init_from"):
-    train.train_and_evaluate(
+  with pytest.raises(steps.UserError, match="init_from"):
+    loop.train_and_evaluate(
       tiny_config(init_from=str(tmp_path / "a"), **{"model.dense": (64,)}), str(tmp_path / "c")
     )

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import load_config, tiny_config
 
-from flaxtrain import parallel, train
+from flaxtrain import experiment, loop, parallel, steps
 from flaxtrain.data import augment
 from flaxtrain.errors import UserError
 
@@ -43,7 +43,7 @@ def _max_diff(a, b):
 
 
 def test_batch_stats_are_updated_in_training_and_used_in_eval(synthetic_data):
-  exp = train.Experiment(_small_resnet())
+  exp = experiment.Experiment(_small_resnet())
   fresh = exp.init_state()
   init_stats = exp.par.to_host(fresh.model_state["batch_stats"])
   state, _ = _run(exp, 5, fresh)
@@ -57,8 +57,8 @@ def test_batch_stats_are_updated_in_training_and_used_in_eval(synthetic_data):
 def test_batchnorm_training_does_not_depend_on_the_device_count(synthetic_data):
   """Statistics over the global batch: 1 device and 4 devices take the same steps."""
   c = _small_resnet()
-  four = train.Experiment(c)
-  one = train.Experiment(c, parallel.DataParallel(jax.devices()[:1]))
+  four = experiment.Experiment(c)
+  one = experiment.Experiment(c, parallel.DataParallel(jax.devices()[:1]))
   _, s4 = _run(four, 3)
   _, s1 = _run(one, 3)
   assert _max_diff(s4[-1].params, s1[-1].params) < 1e-4
@@ -70,7 +70,7 @@ def test_batchnorm_training_does_not_depend_on_the_device_count(synthetic_data):
 
 def test_ema_follows_the_decay_recursion_and_is_evaluated(synthetic_data):
   c = tiny_config(ema_decay=0.9)
-  exp = train.Experiment(c)
+  exp = experiment.Experiment(c)
   fresh = exp.init_state()
   ema = exp.par.to_host(fresh.params)
   state, states = _run(exp, 4, fresh)
@@ -87,8 +87,8 @@ def test_ema_follows_the_decay_recursion_and_is_evaluated(synthetic_data):
 
 def test_ema_is_saved_and_restored_with_the_checkpoint(synthetic_data, tmp_path, monkeypatch):
   c = tiny_config(ema_decay=0.9, num_epochs=1)
-  train.train_and_evaluate(c, str(tmp_path / "run"))
-  exp = train.Experiment(c)
+  loop.train_and_evaluate(c, str(tmp_path / "run"))
+  exp = experiment.Experiment(c)
   monkeypatch.chdir(tmp_path)  # A relative workdir, as users type it.
   state, step = exp.restore("run")
   assert step == 32
@@ -100,8 +100,8 @@ def test_ema_is_saved_and_restored_with_the_checkpoint(synthetic_data, tmp_path,
 
 
 def test_gradient_accumulation_equals_one_big_batch(synthetic_data):
-  one = train.Experiment(tiny_config())
-  accumulated = train.Experiment(tiny_config(grad_accum_steps=4))
+  one = experiment.Experiment(tiny_config())
+  accumulated = experiment.Experiment(tiny_config(grad_accum_steps=4))
   _, a = _run(one, 3)
   _, b = _run(accumulated, 3)
   assert _max_diff(a[-1].params, b[-1].params) < 2e-5
@@ -109,7 +109,7 @@ def test_gradient_accumulation_equals_one_big_batch(synthetic_data):
 
 def test_gradient_accumulation_must_divide_the_per_device_batch(synthetic_data):
   with pytest.raises(UserError, match="grad_accum_steps 3 does not divide the per-device"):
-    train.Experiment(tiny_config(grad_accum_steps=3))
+    experiment.Experiment(tiny_config(grad_accum_steps=3))
 
 
 # ------------------------------------------------- topology-invariant reduction
@@ -129,7 +129,7 @@ def test_topology_invariant_shards_give_the_same_bits_on_1_2_and_4_devices(synth
     topology_invariant_shards=4,
     **{"model.dropout": 0.3, "augment.flip": True, "augment.crop_padding": 2},
   )
-  exps = {n: train.Experiment(c, parallel.DataParallel(jax.devices()[:n])) for n in (1, 2, 4)}
+  exps = {n: experiment.Experiment(c, parallel.DataParallel(jax.devices()[:n])) for n in (1, 2, 4)}
   states = {n: _run(exp, 6)[1][-1] for n, exp in exps.items()}
   one = states[1]
   assert _max_diff(one.params, exps[1].par.to_host(exps[1].init_state().params)) > 1e-4
@@ -140,8 +140,8 @@ def test_topology_invariant_shards_give_the_same_bits_on_1_2_and_4_devices(synth
 
 def test_topology_invariant_shards_match_the_default_reduction_closely(synthetic_data):
   """The same mean gradient, summed in another order: the same training to rounding."""
-  _, a = _run(train.Experiment(tiny_config()), 3)
-  _, b = _run(train.Experiment(tiny_config(topology_invariant_shards=8)), 3)
+  _, a = _run(experiment.Experiment(tiny_config()), 3)
+  _, b = _run(experiment.Experiment(tiny_config(topology_invariant_shards=8)), 3)
   assert 0 < _max_diff(a[-1].params, b[-1].params) < 2e-5
 
 
@@ -156,11 +156,11 @@ def test_topology_invariant_shards_match_the_default_reduction_closely(synthetic
 )
 def test_topology_invariant_shards_bad_settings_are_one_sentence(synthetic_data, overrides, match):
   with pytest.raises(UserError, match=match):
-    train.Experiment(tiny_config(**overrides))
+    experiment.Experiment(tiny_config(**overrides))
 
 
 def test_topology_invariant_shards_refuse_batchnorm(synthetic_data):
-  exp = train.Experiment(_small_resnet(topology_invariant_shards=4))
+  exp = experiment.Experiment(_small_resnet(topology_invariant_shards=4))
   with pytest.raises(UserError, match="running statistics .e.g. BatchNorm"):
     exp.train_chunk(exp.init_state(), 0, 1)
 
@@ -169,7 +169,7 @@ def test_topology_invariant_shards_refuse_batchnorm(synthetic_data):
 
 
 def test_bfloat16_trains_stays_finite_and_keeps_float32_state(synthetic_data):
-  exp = train.Experiment(_small_resnet(compute_dtype="bfloat16"))
+  exp = experiment.Experiment(_small_resnet(compute_dtype="bfloat16"))
   state = exp.init_state()
   before = exp.evaluate(state)["eval_loss"]
   state, states = _run(exp, 20, state)
@@ -222,14 +222,14 @@ def test_flip_mirrors_and_crop_shifts():
 
 def test_augmented_training_is_identical_on_one_and_four_devices(synthetic_data):
   c = tiny_config(**{"augment.crop_padding": 2, "augment.flip": True, "augment.erase_prob": 0.5})
-  _, s4 = _run(train.Experiment(c), 3)
-  _, s1 = _run(train.Experiment(c, parallel.DataParallel(jax.devices()[:1])), 3)
+  _, s4 = _run(experiment.Experiment(c), 3)
+  _, s1 = _run(experiment.Experiment(c, parallel.DataParallel(jax.devices()[:1])), 3)
   assert _max_diff(s4[-1].params, s1[-1].params) < 1e-5
 
 
 def test_bad_augmentation_settings_are_one_sentence(synthetic_data):
   with pytest.raises(UserError, match="augment.crop_padding must be an integer"):
-    train.Experiment(tiny_config(**{"augment.crop_padding": 40}))
+    experiment.Experiment(tiny_config(**{"augment.crop_padding": 40}))
 
 
 # ---------------------------------------------- reconstruction and aux losses
@@ -251,21 +251,21 @@ def _autoencoder_config(**overrides):
 
 def test_autoencoder_loss_falls_and_reports_reconstruction_error(synthetic_data, tmp_path):
   c = _autoencoder_config()
-  exp = train.Experiment(c)
+  exp = experiment.Experiment(c)
   before = exp.evaluate(exp.init_state())
-  summary = train.train_and_evaluate(c, str(tmp_path))
+  summary = loop.train_and_evaluate(c, str(tmp_path))
   # BCE against grey levels has a floor (their entropy): the squared error shows the fall.
   assert summary["eval_loss"] < before["eval_loss"]
   assert summary["eval_mse"] < 0.8 * before["eval_mse"], (before, summary)
   assert "eval_accuracy" not in summary
-  pred = train.Experiment(c).predict(train.Experiment(c).restore(str(tmp_path))[0], num=5)
+  pred = experiment.Experiment(c).predict(experiment.Experiment(c).restore(str(tmp_path))[0], num=5)
   assert pred["output"].shape == (5, 28, 28, 1)
   assert 0.0 <= pred["output"].min() and pred["output"].max() <= 1.0
 
 
 def test_encoder_and_decoder_are_callable_apart(synthetic_data):
   c = _autoencoder_config()
-  exp = train.Experiment(c)
+  exp = experiment.Experiment(c)
   variables = exp.eval_variables(exp.init_state())
   x = jnp.zeros((3, 28, 28, 1))
   z = exp.model.apply(variables, x, method=exp.model.encode)
@@ -282,7 +282,7 @@ def test_an_auxiliary_loss_adds_its_gradient(synthetic_data):
     c = _autoencoder_config(activity_l1=activity_l1)
     c.optimizer.name, c.optimizer.momentum, c.optimizer.weight_decay = "sgd", 0.0, 0.0
     c.optimizer.learning_rate, c.schedule.name = 1.0, "constant"
-    exp = train.Experiment(c)
+    exp = experiment.Experiment(c)
     state = exp.init_state()
     params0 = exp.par.to_host(state.params)
     state, metrics, _ = exp.train_chunk(state, 0, 1)
@@ -293,7 +293,7 @@ def test_an_auxiliary_loss_adds_its_gradient(synthetic_data):
   _, _, with_aux, aux_metrics = step_params(lam)
   assert plain_metrics["aux_loss"] == 0.0 and aux_metrics["aux_loss"] > 0.0
   idx = exp.data.plan.train_indices(0, 1, 1)[0]
-  x = train.preprocess(exp.data.train["image"][idx])
+  x = steps.preprocess(exp.data.train["image"][idx])
 
   def aux(params):
     z = exp.model.apply({"params": params}, x, method=exp.model.encode)
@@ -307,7 +307,7 @@ def test_an_auxiliary_loss_adds_its_gradient(synthetic_data):
 
 
 def test_top5_accuracy_is_reported_for_ten_classes(synthetic_data):
-  exp = train.Experiment(tiny_config())
+  exp = experiment.Experiment(tiny_config())
   result = exp.evaluate(exp.init_state())
   assert {"eval_loss", "eval_accuracy", "eval_top5_accuracy", "eval_examples"} <= set(result)
   assert result["eval_top5_accuracy"] >= result["eval_accuracy"]
@@ -347,7 +347,7 @@ def test_recipe_configs_take_steps(monkeypatch, name, shape):
   monkeypatch.setattr(sources, "inspect", lambda config: sources.Facts(shape, 80))
   c = load_config(name)
   c.batch_size, c.eval_batch_size = 16, 16
-  exp = train.Experiment(c)
+  exp = experiment.Experiment(c)
   state, _ = _run(exp, 2)
   result = exp.evaluate(state)
   assert np.isfinite(result["eval_loss"]) and result["eval_examples"] == 16

@@ -1,0 +1,255 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Reads top to bottom: experiment (validated config, data, compiled steps) -> workdir ->
+state -> restore -> loop (train chunks; log, eval, checkpoint exactly on their steps) ->
+wait -> summary. The loop never asks which data source or model it has.
+"""
+
+import time
+
+import jax
+import ml_collections
+from absl import logging
+from clu import asynclib, metric_writers, parameter_overview, periodic_actions
+
+from flaxtrain import checkpointing, parallel, preemption, workdirs
+from flaxtrain.errors import UserError
+from flaxtrain.experiment import Experiment
+
+
+class TrainingError(UserError):
+  """Training itself failed (e.g. a NaN loss); the last good checkpoint is kept."""
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  par: parallel.DataParallel | None = None,
+  progress=None,
+) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the summary.
+
+  `progress`, if given, gets `start(total_steps=, steps_per_epoch=, batch_size=)`,
+  `update(step, metrics_or_None)` after every chunk and `close()` at the end (e.g. a
+  terminal progress bar).
+  """
+  start_time = time.time()
+  exp = Experiment(config, par)
+  par, plan = exp.par, exp.plan
+  logging.info(
+    "Devices: %s; global batch %d = %d per device; %d steps (%d per epoch); data %s.",
+    par.describe(),
+    config.batch_size,
+    config.batch_size // par.num_devices,
+    plan.total_steps,
+    plan.steps_per_epoch,
+    exp.data.description,
+  )
+  if progress is not None:
+    progress.start(
+      total_steps=plan.total_steps,
+      steps_per_epoch=plan.steps_per_epoch,
+      batch_size=config.batch_size,
+    )
+
+  # Everything the user can get wrong has been checked: only now touch the workdir.
+  workdirs.prepare(workdir, par)
+  writer = metric_writers.create_default_writer(
+    workdir, just_logging=par.process_index > 0, asynchronous=True
+  )
+  ckpt = exp.checkpointer(workdir)
+  state = exp.init_state()
+  # The newest readable checkpoint: an unreadable one is reported, moved aside and the
+  # previous one used; one of another model or optimizer is a UserError.
+  restored, start_step = ckpt.restore_latest(state)
+  if restored is not None:
+    state = restored
+    logging.info("Resumed from the checkpoint at step %d.", start_step)
+  else:
+    if config.init_from:  # Only for a new run: resuming continues the run's own state.
+      params = checkpointing.load_params(config.init_from, state.params)
+      opt_init = jax.jit(exp.tx.init, out_shardings=par.sharding(parallel.REPLICATED))
+      state = state.replace(params=params, opt_state=opt_init(params))
+      if jax.tree.leaves(state.ema_params):
+        state = state.replace(ema_params=params)
+      logging.info("Initialized the params from %s.", config.init_from)
+    workdirs.write_config(workdir, config, par)
+    writer.write_hparams(workdirs.flat_config(config))
+    parameter_overview.log_parameter_overview(par.to_host(state.params))
+  step = int(par.to_host(state.step))
+
+  report = periodic_actions.ReportProgress(
+    num_train_steps=plan.total_steps, writer=writer, every_steps=config.log_every_steps
+  )
+  best_key = exp.task.best_metric
+  # Signal handlers only while training: they are put back on every way out.
+  try:
+    with preemption.Stopper(par, check_every=plan.log_every) as stopper:
+      train_metrics = None
+      timing = {
+        "first_step_s": None,
+        "compile_s": None,
+        "steady_start": None,
+        "steady_steps": 0,
+        "paused_s": 0.0,
+      }
+      eval_result = None
+      # The non-finite flag of the chunk before this one: checked after the next chunk is
+      # dispatched, so the host never waits for the device inside the loop (at most two
+      # chunks in flight). A bad chunk is never saved: every save checks first.
+      unchecked = None
+
+      def check(chunk):
+        if chunk is not None:
+          bad, chunk_metrics = chunk
+          bad = int(par.to_host(bad))
+          if bad >= 0:
+            _fail_nonfinite(bad, par.to_host(chunk_metrics).compute(), ckpt, writer)
+
+      while step < plan.total_steps:
+        n = plan.next_stop(step) - step
+        t = time.time()
+        state, chunk_metrics, bad = exp.train_chunk(state, step, n)
+        check(unchecked)
+        unchecked = (bad, chunk_metrics)
+        if timing["first_step_s"] is None:  # The first chunk compiles: time it alone.
+          check(unchecked)
+          unchecked = None
+          timing["first_step_s"] = time.time() - start_time
+          timing["compile_s"] = time.time() - t
+          timing["steady_start"] = time.time()
+          timing["input_wait_start"] = exp.data.input_wait_s
+        else:
+          timing["steady_steps"] += n
+        for s in range(step + 1, step + n + 1):  # ReportProgress wants every step.
+          report(s)
+        step += n
+        train_metrics = (
+          chunk_metrics if train_metrics is None else train_metrics.merge(chunk_metrics)
+        )
+        logged = None
+        stop = stopper.should_stop(step)
+        if (
+          step % plan.log_every == 0
+          or step == plan.total_steps
+          or stop
+          or step % plan.eval_every == 0
+          or step % plan.checkpoint_every == 0
+        ):
+          check(unchecked)  # Before anything is logged, evaluated or saved.
+          unchecked = None
+          exp.data.raise_if_failed()  # Agreed by all processes: no blank batch is saved.
+        if step % plan.log_every == 0 or step == plan.total_steps:
+          values = par.to_host(train_metrics).compute()
+          logged = {f"train_{k}": float(v) for k, v in values.items()}
+          writer.write_scalars(step, logged)
+          train_metrics = None
+        if progress is not None:
+          progress.update(step, logged)
+        eval_result = None
+        paused = time.time()
+        if step % plan.eval_every == 0 or step == plan.total_steps:
+          with report.timed("eval"):
+            eval_result = exp.evaluate(state)
+          writer.write_scalars(step, {k: v for k, v in eval_result.items() if k != "eval_examples"})
+          logging.info(
+            "Step %d: eval %s (%d examples).",
+            step,
+            ", ".join(
+              f"{k[5:].replace('_', ' ')} {v:.4f}"
+              for k, v in eval_result.items()
+              if k != "eval_examples"
+            ),
+            eval_result["eval_examples"],
+          )
+        if step % plan.checkpoint_every == 0 or step == plan.total_steps or stop:
+          with report.timed("checkpoint"):
+            metrics = {best_key: eval_result[best_key]} if eval_result else None
+            ckpt.save(step, state, metrics=metrics, force=True)
+        timing["paused_s"] += time.time() - paused
+        if stop:
+          ckpt.wait()
+          writer.flush()
+          if progress is not None:
+            progress.close()
+          logging.info(
+            "Stopped at step %d after a stop signal; the checkpoint is saved: run the "
+            "same command to resume.",
+            step,
+          )
+          return {"step": step, "stopped": True}
+      timing["train_end"] = time.time()
+      if progress is not None:
+        progress.close()
+
+      if timing["first_step_s"] is None:  # Finished before this invocation: nothing to do.
+        ckpt.close()
+        previous = workdirs.read_summary(workdir)
+        logging.info(
+          "The run in %s already finished at step %d; nothing more to train.", workdir, step
+        )
+        if previous is None:  # Killed after the last checkpoint, before the summary.
+          previous = {
+            "step": step,
+            **exp.evaluate(state),
+            "wall_s": time.time() - start_time,
+            "devices": par.num_devices,
+            "processes": par.num_processes,
+            "batch_size": config.batch_size,
+          }
+          workdirs.write_summary(workdir, previous, par)
+        return previous
+      ckpt.wait()
+      ckpt.close()
+      writer.flush()
+      # Train throughput after the first (compiling) chunk, eval and checkpoint time excluded.
+      steady_s = timing["train_end"] - timing["steady_start"] - timing["paused_s"]
+      steady = (
+        timing["steady_steps"] * config.batch_size / steady_s if timing["steady_steps"] else None
+      )
+      # Share of the steady train time the loop spent blocked waiting for input batches.
+      wait_share = None
+      if exp.data.input_wait_s is not None and timing["steady_steps"] and steady_s > 0:
+        wait_share = (exp.data.input_wait_s - timing["input_wait_start"]) / steady_s
+      summary = {
+        "step": step,
+        **eval_result,
+        "train_examples_per_sec": steady,
+        "wall_s": time.time() - start_time,
+        "time_to_first_step_s": timing["first_step_s"],
+        "first_dispatch_s": timing["compile_s"],
+        "devices": par.num_devices,
+        "processes": par.num_processes,
+        "batch_size": config.batch_size,
+        "input_wait_share": wait_share,
+        "data_source": exp.data.description,
+      }
+      workdirs.write_summary(workdir, summary, par)
+      return summary
+  except asynclib.AsyncError as e:  # TensorBoard writes failed (e.g. a full disk).
+    _fail_writing_metrics(e, ckpt, workdir)
+  finally:
+    exp.data.close()  # Stops the input workers of a streamed source.
+
+
+def _fail_writing_metrics(error, ckpt, workdir):
+  ckpt.wait()  # A failed checkpoint save (e.g. the disk is full) is the clearer message.
+  cause = error.__cause__ or error
+  raise UserError(
+    f"Could not write the TensorBoard metrics in {workdir} ("
+    f"{' '.join(str(cause).split())[:200]}): free space or use another --workdir; the last "
+    "complete checkpoint is kept."
+  ) from error
+
+
+def _fail_nonfinite(bad_step, values, ckpt, writer):
+  ckpt.wait()
+  writer.flush()
+  latest = ckpt.latest_step()
+  raise TrainingError(
+    f"The loss or gradient became non-finite at step {bad_step} (loss {values['loss']:.4g}), "
+    f"so training stopped without applying it; the last good checkpoint "
+    f"({'step ' + str(latest) if latest is not None else 'none yet'}) is kept: lower the "
+    "learning rate, add --config.optimizer.grad_clip_norm, or set "
+    "--config.nonfinite=skip."
+  )

@@ -1,0 +1,351 @@
+"""Per-device code: the train state and the train/eval/predict step builders.
+
+Everything here runs inside `parallel.DataParallel.compile` (jit + shard_map): one
+device's share of the batch, collectives through `parallel`. `experiment.Experiment`
+builds and compiles these; the loop never calls them directly.
+"""
+
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from flaxtrain import parallel
+from flaxtrain.data import augment
+from flaxtrain.data import plan as plan_lib
+from flaxtrain.errors import UserError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Collections a model fills during a call; never part of the train state.
+TRANSIENT_COLLECTIONS = ("losses", "intermediates")
+# Test-only: make the loss NaN at this step, to exercise the non-finite handling.
+NAN_STEP_ENV = "FLAXTRAIN_TEST_NAN_AT_STEP"
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  model_state: Any  # Non-param collections (e.g. {'batch_stats': ...}); {} if none.
+  ema_params: Any  # Moving average of params when config.ema_decay > 0, else {}.
+
+
+def preprocess(images, dtype=jnp.float32, norm=None):
+  """uint8 images -> floats of `dtype`: in [0, 1], or (x - mean) / std with norm=(mean, std)."""
+  if norm is None:
+    return images.astype(jnp.float32).astype(dtype) / 255.0
+  return normalize(images.astype(jnp.float32) / 255.0, norm).astype(dtype)
+
+
+def normalize(x, norm):
+  """float32 pixels in [0, 1] -> (255 x - mean) / std, with mean and std in pixel units."""
+  if norm is None:
+    return x
+  mean, std = (jnp.asarray(v, jnp.float32) for v in norm)
+  return (x * 255.0 - mean) / std
+
+
+def normalization(config):
+  """(mean, std) in pixel units from config.dataset, or None for x / 255."""
+  ds = config.dataset
+  return None if ds.mean is None else (tuple(ds.mean), tuple(ds.std))
+
+
+def _sum_losses(collection) -> jax.Array:
+  """The sum of every value a model sowed into its 'losses' collection (0 if none)."""
+  leaves = jax.tree.leaves(collection)
+  return sum((jnp.sum(x.astype(jnp.float32)) for x in leaves), jnp.float32(0.0))
+
+
+def ema_decay_at(step, decay: float):
+  """EMA decay with warm-up: early averages are not dominated by the random init."""
+  step = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def _balanced_sum(trees):
+  """Sum of a power-of-two list of pytrees as a balanced binary tree, neighbours first."""
+  while len(trees) > 1:
+    trees = [jax.tree.map(jnp.add, a, b) for a, b in zip(trees[::2], trees[1::2], strict=True)]
+  return trees[0]
+
+
+def make_train_chunk(
+  model, tx, schedule, task, config, dtype, max_steps: int, metrics_cls, num_devices: int
+):
+  """Per-device: runs up to `num_steps` (<= max_steps) train steps on the chunk's batches."""
+  stop_on_nonfinite = config.nonfinite == "error"
+  nan_step = int(os.environ.get(NAN_STEP_ENV, -1))
+  base_key = jax.random.key(config.seed)
+  accum = config.grad_accum_steps
+  aug_cfg = config.augment
+  ema_decay = config.ema_decay
+  norm = normalization(config)
+
+  def micro_loss(params, model_state, x, batch, rng):
+    variables = {"params": params, **model_state}
+    mutable = [*model_state, "losses"]
+    outputs, new_vars = model.apply(
+      variables, x, train=True, rngs={"dropout": rng}, mutable=mutable
+    )
+    aux = _sum_losses(new_vars.get("losses", {}))
+    new_state = {k: v for k, v in new_vars.items() if k != "losses"}
+    per_example, task_metrics = task.loss(outputs, batch, x)
+    loss = jnp.mean(per_example) + aux
+    return loss, (new_state, per_example, task_metrics, aux)
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def gradients(params, model_state, x, batch, rng):
+    """Mean loss gradient over this device's batch, in `accum` sequential micro-batches."""
+    if accum == 1:
+      (_, (model_state, per_example, task_metrics, aux)), grads = grad_fn(
+        params, model_state, x, batch, rng
+      )
+      return grads, model_state, per_example, task_metrics, aux
+
+    def split(v):
+      return v.reshape((accum, v.shape[0] // accum, *v.shape[1:]))
+
+    def body(carry, inputs):
+      grads_sum, model_state, aux_sum = carry
+      j, xj, bj = inputs
+      (_, (model_state, per_example, task_metrics, aux)), grads = grad_fn(
+        params, model_state, xj, bj, jax.random.fold_in(rng, j)
+      )
+      grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+      return (grads_sum, model_state, aux_sum + aux), (per_example, task_metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    carry = (zeros, model_state, jnp.float32(0.0))
+    (grads, model_state, aux), (per_example, task_metrics) = jax.lax.scan(
+      body, carry, (jnp.arange(accum), split(x), jax.tree.map(split, batch))
+    )
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    flat = lambda v: v.reshape((-1, *v.shape[2:]))  # noqa: E731
+    return grads, model_state, flat(per_example), jax.tree.map(flat, task_metrics), aux / accum
+
+  shards = config.topology_invariant_shards
+
+  def invariant_gradients(params, model_state, x, batch, dropout_key, device):
+    """Gradients that are bitwise the same on any topology (config.topology_invariant_shards).
+
+    Each of the global batch's fixed shards gets its own gradient (same shapes, same
+    dropout key, whichever device computes it); a balanced tree sums them, within the
+    device over its consecutive shards, then across devices (`parallel.tree_sum`).
+    Unrolled, not scanned: XLA:CPU runs convolutions inside loops far slower.
+    """
+    if jax.tree.leaves(model_state):
+      raise UserError(
+        "topology_invariant_shards does not cover models with running statistics (e.g. "
+        "BatchNorm, whose batch statistics are all-reduced): set "
+        "--config.topology_invariant_shards=0."
+      )
+    local = shards // num_devices
+    size = x.shape[0] // local
+    grads, per_example, task_metrics, aux = [], [], [], []
+    for j in range(local):
+      piece = lambda v, j=j: v[j * size : (j + 1) * size]  # noqa: E731
+      (_, (_, pe, tm, a)), g = grad_fn(
+        params,
+        model_state,
+        piece(x),
+        jax.tree.map(piece, batch),
+        jax.random.fold_in(dropout_key, device * local + j),
+      )
+      grads.append(g)
+      per_example.append(pe)
+      task_metrics.append(tm)
+      aux.append(a)
+    grads = jax.tree.map(lambda g: g / shards, parallel.tree_sum(_balanced_sum(grads), num_devices))
+    cat = lambda *v: jnp.concatenate(v)  # noqa: E731
+    return (
+      grads,
+      model_state,
+      cat(*per_example),
+      jax.tree.map(cat, *task_metrics),
+      sum(aux) / local,
+    )
+
+  def train_step(state, batch):
+    # Random draws are pure functions of (seed, step) and the example's (for augmentation)
+    # or the device's (for dropout) position, so resumed runs repeat them exactly.
+    step_key = jax.random.fold_in(base_key, state.step)
+    device = parallel.device_index()
+    local_batch = batch["label"].shape[0]
+    # Augmented in [0, 1] (zero padding is black, erasing noise uniform), then normalised.
+    x = preprocess(batch["image"], jnp.float32)
+    x = augment.apply(x, jax.random.fold_in(step_key, 1), device * local_batch, aug_cfg)
+    x = normalize(x, norm).astype(dtype)
+    dropout_key = jax.random.fold_in(step_key, 2)
+    if shards:
+      grads, model_state, per_example, task_metrics, aux = invariant_gradients(
+        state.params, state.model_state, x, batch, dropout_key, device
+      )
+      loss = parallel.mean(jnp.mean(per_example) + aux)  # Reported only; grads are summed.
+    else:
+      grads, model_state, per_example, task_metrics, aux = gradients(
+        state.params, state.model_state, x, batch, jax.random.fold_in(dropout_key, device)
+      )
+      loss = jnp.mean(per_example) + aux
+      # Running statistics (e.g. BatchNorm's) are averaged too: replicas stay identical.
+      grads, loss, model_state = parallel.mean((grads, loss, model_state))
+    if nan_step >= 0:
+      loss = jnp.where(state.step == nan_step, jnp.nan, loss)
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+
+    def update(grads, params, opt_state, ema_params):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      if ema_decay:
+        d = ema_decay_at(state.step, ema_decay)
+        ema_params = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema_params, params)
+      return params, opt_state, ema_params
+
+    operands = (grads, state.params, state.opt_state, state.ema_params)
+    if shards:
+      # XLA:CPU contracts a*b + c into one fused multiply-add depending on what else a
+      # fusion holds, e.g. the gradient sum, which differs by topology. A conditional's
+      # branch is a fusion boundary: the update compiles to the same code on every topology.
+      params, opt_state, ema_params = jax.lax.cond(
+        finite, update, lambda g, p, o, e: (p, o, e), *operands
+      )
+    else:
+      params, opt_state, ema_params = update(*operands)
+    new = TrainState(
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      model_state=model_state,
+      ema_params=ema_params,
+    )
+    first_device = (device == 0).astype(jnp.float32)
+    metrics = metrics_cls.single_from_model_output(
+      loss=per_example + aux,
+      aux_loss=aux,
+      learning_rate=schedule(state.step),
+      nonfinite=(1.0 - finite.astype(jnp.float32)) * first_device,
+      **task_metrics,
+    )
+    return new, metrics, finite
+
+  def guarded_step(state, batch):
+    """A non-finite step is never applied: 'error' keeps the state as it was and reports
+    the step in `bad`; 'skip' only moves the step counter on."""
+    new, metrics, finite = train_step(state, batch)
+    if stop_on_nonfinite:
+      kept, bad = state, jnp.where(finite, -1, state.step).astype(jnp.int32)
+    else:
+      kept, bad = state.replace(step=state.step + 1), jnp.int32(-1)
+    # One select over the whole state, fused by XLA into the update.
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, kept)
+    return new, metrics, bad
+
+  def chunk(state, inputs, num_steps):
+    if max_steps == 1:
+      # No loop: XLA:CPU runs convolutions whose kernels are loop-carried ~15x slower.
+      new, metrics, bad = guarded_step(state, plan_lib.take(inputs, 0))
+      return new, parallel.gather_metrics(metrics), bad
+
+    def cond(carry):
+      i, _, _, bad = carry
+      return (i < num_steps) & (bad < 0)
+
+    def body(carry):
+      i, state, metrics, _ = carry
+      new, step_metrics, bad = guarded_step(state, plan_lib.take(inputs, i))
+      return i + 1, new, metrics.merge(step_metrics), bad
+
+    carry = (jnp.int32(0), state, metrics_cls.empty(), jnp.int32(-1))
+    _, state, metrics, bad = jax.lax.while_loop(cond, body, carry)
+    return state, parallel.gather_metrics(metrics), bad
+
+  return chunk
+
+
+def eval_params(state: TrainState):
+  """The parameters evaluated and exported: the EMA when there is one."""
+  return state.ema_params if jax.tree.leaves(state.ema_params) else state.params
+
+
+def make_eval(model, task, dtype, num_steps: int, metrics_cls, norm=None):
+  """Per-device: evaluates all `num_steps` padded eval batches (masked rows ignored)."""
+
+  def evaluate(state, inputs):
+    variables = {"params": eval_params(state), **state.model_state}
+
+    def body(i, metrics):
+      batch = plan_lib.take(inputs, i)
+      x = preprocess(batch["image"], dtype, norm)
+      per_example, task_metrics = task.loss(model.apply(variables, x, train=False), batch, x)
+      return metrics.merge(
+        metrics_cls.single_from_model_output(loss=per_example, mask=batch["mask"], **task_metrics)
+      )
+
+    metrics = jax.lax.fori_loop(0, num_steps, body, metrics_cls.empty())
+    return parallel.gather_metrics(metrics)
+
+  return evaluate
+
+
+def make_predict(model, task, dtype, num_steps: int, norm=None):
+  """Per-device: the task's predictions for every eval batch, [steps, local batch, ...]."""
+
+  def predict(state, inputs):
+    variables = {"params": eval_params(state), **state.model_state}
+
+    def one(i):
+      batch = plan_lib.take(inputs, i)
+      x = preprocess(batch["image"], dtype, norm)
+      return task.predict(model.apply(variables, x, train=False))
+
+    return jax.lax.map(one, jnp.arange(num_steps))
+
+  return predict
+
+
+def init_state(
+  model, tx, image_shape, seed: int, par: parallel.DataParallel, ema: bool = False
+) -> TrainState:
+  """Initializes the state on the host CPU once, then replicates it to every device."""
+
+  def init():
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    variables = model.init({"params": jax.random.key(seed)}, x, train=False)
+    params = variables.pop("params")
+    # Sown per-call values (auxiliary losses) are not state.
+    model_state = {k: v for k, v in variables.items() if k not in TRANSIENT_COLLECTIONS}
+    return TrainState(
+      step=jnp.int32(0),
+      params=params,
+      opt_state=tx.init(params),
+      model_state=model_state,
+      ema_params=jax.tree.map(jnp.copy, params) if ema else {},
+    )
+
+  return jax.jit(init, out_shardings=par.sharding(parallel.REPLICATED))()
+
+
+def step_flops(model, task, image_shape, per_device_batch: int, dtype) -> float | None:
+  """XLA's cost-analysis FLOPs of the loss's forward and backward on one device's batch."""
+  variables = jax.eval_shape(
+    lambda: model.init(  # Shapes only: no initializer compiled.
+      jax.random.key(0), jnp.zeros((1, *image_shape)), train=False
+    )
+  )
+  x = jax.ShapeDtypeStruct((per_device_batch, *image_shape), dtype)
+  y = jax.ShapeDtypeStruct((per_device_batch,), jnp.int32)
+
+  def loss(variables, x, label):
+    out = model.apply(variables, x, train=False)
+    return jnp.mean(task.loss(out, {"label": label}, x)[0])
+
+  compiled = jax.jit(jax.value_and_grad(loss)).lower(variables, x, y).compile()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
