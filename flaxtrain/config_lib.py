@@ -44,6 +44,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   # 2 hosts x 4 devices compute the same bits. Costs N / devices passes per device and
   # log2(devices) neighbour exchanges instead of one all-reduce. Not with BatchNorm.
   c.topology_invariant_shards = 0
+  # Where metrics go, comma-separated: tensorboard (event files in the workdir), wandb,
+  # mlflow, e.g. 'tensorboard,wandb' (docs/trackers.md). Only process 0 writes.
+  c.loggers = "tensorboard"
+  # The wandb project and MLflow experiment. Default: $WANDB_PROJECT (wandb) or
+  # $MLFLOW_EXPERIMENT_NAME (MLflow), else 'flaxtrain'.
+  c.tracker_project = config_dict.placeholder(str)
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "fashion_mnist"
