@@ -10,7 +10,7 @@ import pytest
 from clu import asynclib
 from conftest import tiny_config
 
-from flaxtrain import loggers, workdirs
+from flaxtrain import loggers, loop, workdirs
 from flaxtrain.errors import UserError
 
 ALL = "tensorboard,wandb,mlflow"
@@ -223,16 +223,11 @@ def test_a_tracker_that_cannot_start_fails_before_training(tmp_path, monkeypatch
 
 @pytest.mark.skip(reason="wired into the loop by the integrator")
 def test_training_sends_config_metrics_and_summary_to_every_tracker(synthetic_data, tmp_path):
-  try:
-    from flaxtrain.loop import train_and_evaluate
-  except ImportError:
-    from flaxtrain.train import train_and_evaluate
-
   workdir = tmp_path / "run"
   config = tiny_config(
     loggers=ALL, num_train_steps=16, log_every_steps=8, eval_every_steps=16, tracker_project="e2e"
   )
-  summary = train_and_evaluate(config, str(workdir))
+  summary = loop.train_and_evaluate(config, str(workdir))
   ids = json.loads((workdir / "trackers.json").read_text())
 
   client = _mlflow(workdir)
@@ -250,7 +245,7 @@ def test_training_sends_config_metrics_and_summary_to_every_tracker(synthetic_da
   assert wandb_run["exit_code"] == 0
 
   # Finished: running it again trains nothing and starts no new tracker run.
-  train_and_evaluate(config, str(workdir))
+  loop.train_and_evaluate(config, str(workdir))
   assert json.loads((workdir / "trackers.json").read_text()) == ids
   assert len(client.search_runs([run.info.experiment_id])) == 1
   assert os.path.isdir(workdir / "checkpoints")
