@@ -11,9 +11,10 @@ FASHION_MNIST_DEB := /usr/share/datasets/fashion-mnist
 
 venv: $(BIN)/.installed
 
+# setuptools>=77 (PEP 639 licence): tests/test_packaging.py builds the wheel offline.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --upgrade pip 'setuptools>=77'
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 

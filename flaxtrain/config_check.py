@@ -11,6 +11,7 @@ import traceback
 
 import ml_collections
 
+from flaxtrain import config_files
 from flaxtrain.errors import UserError
 
 
@@ -18,10 +19,7 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   """Imports `path` and returns its get_config(); a UserError for every way that fails."""
   path = path.split(":", 1)[0]  # config_flags allows file.py:arg.
   if not os.path.isfile(path):
-    raise UserError(
-      f"Config file {path} does not exist: pass --config=PATH to a .py file "
-      "with get_config() (e.g. configs/fashion_cnn.py)."
-    )
+    raise config_files.missing(path)
   spec = importlib.util.spec_from_file_location("_flaxtrain_config_check", path)
   module = importlib.util.module_from_spec(spec)
   try:

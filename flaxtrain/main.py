@@ -3,7 +3,9 @@
 import logging as logging_std
 import os
 import pathlib
+import shutil
 import sys
+import textwrap
 
 # TensorFlow is only used for tf.data/TFDS: keep its C++ logging and oneDNN notes quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -11,38 +13,44 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from flaxtrain import config_check  # noqa: E402
+from flaxtrain import config_check, config_files  # noqa: E402
 from flaxtrain.errors import UserError  # noqa: E402
 
 
 def _default_config() -> str:
-  """configs/fashion_cnn.py in the working directory, else the one beside the package."""
-  here = pathlib.Path("configs/fashion_cnn.py")
+  """configs/fashion_cnn.py in the working directory (a checkout), else the packaged one."""
+  here = pathlib.Path("configs") / f"{config_files.DEFAULT}.py"
   if here.exists():
     return str(here)
-  return str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "fashion_cnn.py")
+  return str(config_files.resolve(config_files.DEFAULT))
+
+
+_CONFIG_HELP = (
+  "A packaged config's name (see --list_configs) or a path to a .py file with get_config(); "
+  "override any field with --config.a.b=value."
+)
 
 
 def _define_config_flag():
   # config_flags reads sys.argv's overrides when the flag is defined, so this runs only
   # after `config_check` has vetted them (its errors are sentences, not tracebacks).
-  config_flags.DEFINE_config_file(
-    "config",
-    _default_config(),
-    "Config file (a .py with get_config()); override any field with --config.a.b=value.",
-    lock_config=True,
-  )
+  config_flags.DEFINE_config_file("config", _default_config(), _CONFIG_HELP, lock_config=True)
 
 
+MODES = {
+  "train": "train (or resume) in --workdir",
+  "describe": "print what the config would train and how fast, writing nothing",
+  "eval": "evaluate a checkpoint (--step) into <workdir>/eval_<step>.json",
+  "report": "pictures and report.md of a run under <workdir>/report/",
+  "export": "a checkpoint (--step) as a model for serving in <workdir>/export/",
+}
+
+flags.DEFINE_bool(
+  "list_configs", False, "Print the packaged configs (names for --config) and exit."
+)
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config file stem>).")
 flags.DEFINE_enum(
-  "mode",
-  "train",
-  ["train", "describe", "eval", "report", "export"],
-  "train: train (or resume) in --workdir; describe: print what the config "
-  "would train and how fast, writing nothing; eval: evaluate a checkpoint "
-  "into <workdir>/eval_<step>.json; report: pictures and report.md under "
-  "<workdir>/report/; export: <workdir>/export/ for serving.",
+  "mode", "train", list(MODES), "; ".join(f"{m}: {what}" for m, what in MODES.items()) + "."
 )
 flags.DEFINE_string(
   "step",
@@ -88,13 +96,48 @@ def _parse_flags(argv):
     _fail(str(e))
 
 
+def _config_values(argv):
+  """(index, prefix) of each --config value in argv: `--config=X` or `--config X`."""
+  i = 1
+  while i < len(argv) and argv[i] != "--":
+    name, eq, _ = argv[i].partition("=")
+    if name in ("--config", "-config"):
+      if eq:
+        yield i, f"{name}="
+      elif i + 1 < len(argv):
+        yield i + 1, ""
+        i += 1
+    i += 1
+
+
 def _config_arg(argv) -> str:
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      return arg.split("=", 1)[1]
-    if arg == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return _default_config()
+  values = [argv[i][len(prefix) :] for i, prefix in _config_values(argv)]
+  return values[-1] if values else _default_config()  # The last one wins, as in absl.
+
+
+def _resolve_config_names(argv) -> list[str]:
+  """argv with a bare `--config=fashion_cnn` replaced by the packaged file's path.
+
+  Both config_check and ml_collections' flag then read a file, and the default workdir
+  stays runs/<name>. Paths pass unchanged.
+  """
+  argv = list(argv)
+  for i, prefix in _config_values(argv):
+    value = argv[i][len(prefix) :]
+    if config_files.is_name(value):
+      argv[i] = prefix + str(config_files.resolve(value))
+  return argv
+
+
+def _flag_given(argv, names) -> bool:
+  """Whether argv (before any `--`) turns on one of the boolean flags `names`."""
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    name, _, value = arg.lstrip("-").partition("=")
+    if arg.startswith("-") and name in names and value.lower() in ("", "true", "t", "1"):
+      return True
+  return False
 
 
 def _flag_error_sentence(err: Exception) -> str:
@@ -108,6 +151,9 @@ def _flag_error_sentence(err: Exception) -> str:
 def main(argv):
   if len(argv) > 1:
     _fail(f"Unexpected arguments {argv[1:]}: flags look like --name=value.")
+  if FLAGS.list_configs:  # Given some way run() does not see, e.g. in a --flagfile.
+    _list_configs()
+    return
   try:
     _run()
   except UserError as e:
@@ -236,12 +282,141 @@ class _QuietLibraries(logging_std.Filter):
     return record.levelno >= logging_std.WARNING or not any(n in record.pathname for n in noisy)
 
 
+def _list_configs():
+  configs = config_files.packaged()
+  if not configs:
+    _fail(f"No packaged configs in {config_files.directory()}: reinstall flaxtrain.", code=1)
+  width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+  _print(_table(configs, width=width))
+
+
+def _print(text: str):
+  """Prints `text`; a reader that stops early (`flaxtrain --help | head`) is no error."""
+  try:
+    print(text, flush=True)
+  except BrokenPipeError:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own advice.
+
+
+def _table(rows: dict[str, str], width: int | None, indent: str = "") -> str:
+  """`name  text` lines with the texts aligned (and wrapped beneath themselves to `width`)."""
+  pad = len(indent) + max(map(len, rows), default=0) + 2
+  lines = []
+  for name, text in rows.items():
+    head = f"{indent}{name}".ljust(pad)
+    if width is None or not text:
+      lines.append(f"{head}{text}".rstrip())
+    else:
+      lines += _wrap(text, max(width, pad + 30), head, " " * pad)
+  return "\n".join(lines)
+
+
+def _wrap(text: str, width: int, first: str, rest: str) -> list[str]:
+  # Flag names and Fashion-MNIST stay whole.
+  return textwrap.wrap(
+    text, width, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False
+  )
+
+
+_HELP_FLAGS = ("help", "h", "?", "helpshort")  # --helpfull stays absl's.
+
+
+def _metavar(f: flags.Flag) -> str:
+  named = {"workdir": "DIR", "coordinator_address": "HOST:PORT"}
+  return named.get(f.name) or {"int": "N"}.get(f.flag_type(), f.name.upper())
+
+
+def _help() -> str:
+  """What `flaxtrain --help` prints: usage, modes, flags, overrides, configs, reference."""
+  width = max(60, min(100, shutil.get_terminal_size((100, 24)).columns))
+
+  def para(text: str, indent: str = "  ") -> str:
+    return "\n".join(_wrap(text, width, indent, indent))
+
+  own = [("--config=NAME_OR_PATH", config_files.DEFAULT, _CONFIG_HELP)]
+  for f in FLAGS.get_flags_for_module(FLAGS.find_module_defining_flag("workdir")):
+    if f.name == "config":
+      continue
+    text = "What to run: one of the modes above." if f.name == "mode" else f.help
+    if isinstance(f.default, bool):
+      own.append((f"--{f.name}", str(f.default).lower(), text))
+    else:
+      own.append((f"--{f.name}={_metavar(f)}", f.default, text))
+  flag_lines = []
+  for name, default, text in own:
+    flag_lines.append(f"  {name}" + ("" if default is None else f"  (default: {default})"))
+    flag_lines.append(para(text, " " * 6))
+  config_lib = pathlib.Path(__file__).resolve().with_name("config_lib.py")
+  configs = config_files.packaged()
+  return "\n".join(
+    [
+      "Usage: flaxtrain [--config=NAME_OR_PATH] [--mode=MODE] [--workdir=DIR] "
+      "[--config.KEY=VALUE ...]",
+      "",
+      para(
+        "Trains (or evaluates, reports on, exports) a JAX/Flax model described by a config: "
+        "one of the packaged recipes by name (--config=fashion_cnn, the default) or any "
+        "Python file with get_config() by path (--config=my_config.py), with any key "
+        "changed by --config.KEY=VALUE. A run lives in --workdir (default "
+        "runs/<config name>): training resumes there from its latest checkpoint, and the "
+        "other modes read the checkpoints it holds.",
+        "",
+      ),
+      "",
+      "Modes (--mode=MODE):",
+      _table(MODES, width, indent="  "),
+      "",
+      "Flags:",
+      *flag_lines,
+      "",
+      "Config overrides (--config.KEY=VALUE):",
+      para(
+        "Every key of the config can be set on the command line: KEY is its dotted path "
+        "and VALUE is read as the key's type (numbers, strings, True/False, tuples such "
+        "as '(16, 32)'). For example:"
+      ),
+      "    flaxtrain --config=fashion_cnn --config.batch_size=256 "
+      "--config.optimizer.learning_rate=1e-3",
+      "    flaxtrain --config.num_train_steps=500 --config.model.features='(16, 32)' "
+      "--workdir=/tmp/quick",
+      para(
+        "A key must already exist in the config: an unknown one fails at start-up, before "
+        "anything is written, and suggests the closest key (--config.optimizer.nmae=sgd: "
+        "did you mean --config.optimizer.name?). --mode=describe shows the resolved config "
+        "and what your overrides changed, without training."
+      ),
+      "",
+      f"Packaged configs (--config=NAME; the files are in {config_files.directory()}):",
+      _table(configs, width, indent="  ") if configs else "  none found: reinstall flaxtrain.",
+      para(
+        "For your own config, copy one of these files, change it and pass its path "
+        "(--config=path/to/my_config.py)."
+      ),
+      "",
+      "Config reference:",
+      para(
+        f"flaxtrain/config_lib.py ({config_lib}) declares every key with its default and "
+        "a comment; each config's docstring gives its launch command and the result it "
+        "reached. README.md: 'Using it', 'Config reference' and 'Configs'. --helpfull "
+        "lists every flag, the libraries' included."
+      ),
+    ]
+  )
+
+
 def run():
-  """Console-script entry point."""
+  """Console-script entry point (also `python -m flaxtrain`)."""
+  if _flag_given(sys.argv, _HELP_FLAGS):
+    _print(_help())
+    sys.exit(0)
+  if _flag_given(sys.argv, ("list_configs",)):
+    _list_configs()
+    sys.exit(0)
   logging.set_verbosity(logging.INFO)
   if "--verbose" not in sys.argv and "--verbose=true" not in sys.argv:
     logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
+    sys.argv = _resolve_config_names(sys.argv)
     config_check.check_overrides(config_check.load_config_file(_config_arg(sys.argv)), sys.argv)
   except UserError as e:
     _fail(str(e))
