@@ -10,9 +10,9 @@ import time
 import jax
 import ml_collections
 from absl import logging
-from clu import asynclib, metric_writers, parameter_overview, periodic_actions
+from clu import asynclib, parameter_overview, periodic_actions
 
-from flaxtrain import checkpointing, parallel, preemption, workdirs
+from flaxtrain import checkpointing, console, loggers, parallel, preemption, workdirs
 from flaxtrain.errors import UserError
 from flaxtrain.experiment import Experiment
 
@@ -52,11 +52,25 @@ def train_and_evaluate(
       batch_size=config.batch_size,
     )
 
+  loggers.check(config)  # Unknown trackers and missing packages: before the workdir.
   # Everything the user can get wrong has been checked: only now touch the workdir.
   workdirs.prepare(workdir, par)
-  writer = metric_writers.create_default_writer(
-    workdir, just_logging=par.process_index > 0, asynchronous=True
-  )
+  log_file = console.log_to_file(workdir, par.process_index)
+  writer = None
+  try:
+    workdirs.write_spec(workdir, exp.spec, par)
+    writer = loggers.create_writer(config, workdir, process_index=par.process_index)
+    return _train(exp, workdir, writer, progress, start_time)
+  finally:
+    if writer is not None:
+      writer.abort()  # Ends the tracker runs as failed, unless the run closed them.
+    exp.data.close()  # Stops the input workers of a streamed source.
+    console.close_log_file(log_file)
+
+
+def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -> dict:
+  """The run itself, once its workdir and metric writers exist: restore, loop, summary."""
+  config, par, plan = exp.config, exp.par, exp.plan
   ckpt = exp.checkpointer(workdir)
   state = exp.init_state()
   # The newest readable checkpoint: an unreadable one is reported, moved aside and the
@@ -64,7 +78,7 @@ def train_and_evaluate(
   restored, start_step = ckpt.restore_latest(state)
   if restored is not None:
     state = restored
-    logging.info("Resumed from the checkpoint at step %d.", start_step)
+    console.event("Resumed from the checkpoint at step %d.", start_step)
   else:
     if config.init_from:  # Only for a new run: resuming continues the run's own state.
       params = checkpointing.load_params(config.init_from, state.params)
@@ -152,27 +166,20 @@ def train_and_evaluate(
           with report.timed("eval"):
             eval_result = exp.evaluate(state)
           writer.write_scalars(step, {k: v for k, v in eval_result.items() if k != "eval_examples"})
-          logging.info(
-            "Step %d: eval %s (%d examples).",
-            step,
-            ", ".join(
-              f"{k[5:].replace('_', ' ')} {v:.4f}"
-              for k, v in eval_result.items()
-              if k != "eval_examples"
-            ),
-            eval_result["eval_examples"],
-          )
+        saved = False
         if step % plan.checkpoint_every == 0 or step == plan.total_steps or stop:
           with report.timed("checkpoint"):
             metrics = {best_key: eval_result[best_key]} if eval_result else None
-            ckpt.save(step, state, metrics=metrics, force=True)
+            saved = ckpt.save(step, state, metrics=metrics, force=True)
+        if eval_result is not None or saved:
+          console.event("%s", _step_line(step, eval_result, saved))
         timing["paused_s"] += time.time() - paused
         if stop:
           ckpt.wait()
-          writer.flush()
+          writer.close(status="KILLED")
           if progress is not None:
             progress.close()
-          logging.info(
+          console.event(
             "Stopped at step %d after a stop signal; the checkpoint is saved: run the "
             "same command to resume.",
             step,
@@ -185,7 +192,7 @@ def train_and_evaluate(
       if timing["first_step_s"] is None:  # Finished before this invocation: nothing to do.
         ckpt.close()
         previous = workdirs.read_summary(workdir)
-        logging.info(
+        console.event(
           "The run in %s already finished at step %d; nothing more to train.", workdir, step
         )
         if previous is None:  # Killed after the last checkpoint, before the summary.
@@ -198,6 +205,7 @@ def train_and_evaluate(
             "batch_size": config.batch_size,
           }
           workdirs.write_summary(workdir, previous, par)
+        writer.close()
         return previous
       ckpt.wait()
       ckpt.close()
@@ -225,21 +233,29 @@ def train_and_evaluate(
         "data_source": exp.data.description,
       }
       workdirs.write_summary(workdir, summary, par)
+      writer.write_summary(summary)
+      writer.close()
       return summary
-  except asynclib.AsyncError as e:  # TensorBoard writes failed (e.g. a full disk).
+  except asynclib.AsyncError as e:  # Metric writes failed (a full disk, a tracker).
     _fail_writing_metrics(e, ckpt, workdir)
-  finally:
-    exp.data.close()  # Stops the input workers of a streamed source.
+
+
+def _step_line(step: int, eval_result: dict | None, saved: bool) -> str:
+  """'Step 936: eval loss 0.3265, accuracy 0.8830 (10000 examples); checkpoint saved.'"""
+  text = f"Step {step}:"
+  if eval_result is not None:
+    metrics = ", ".join(
+      f"{k[5:].replace('_', ' ')} {v:.4f}" for k, v in eval_result.items() if k != "eval_examples"
+    )
+    text += f" eval {metrics} ({eval_result['eval_examples']} examples)"
+  if saved:
+    text += "; checkpoint saved" if eval_result is not None else " checkpoint saved"
+  return text + "."
 
 
 def _fail_writing_metrics(error, ckpt, workdir):
   ckpt.wait()  # A failed checkpoint save (e.g. the disk is full) is the clearer message.
-  cause = error.__cause__ or error
-  raise UserError(
-    f"Could not write the TensorBoard metrics in {workdir} ("
-    f"{' '.join(str(cause).split())[:200]}): free space or use another --workdir; the last "
-    "complete checkpoint is kept."
-  ) from error
+  raise UserError(loggers.failure_message(error, workdir)) from error
 
 
 def _fail_nonfinite(bad_step, values, ckpt, writer):

@@ -1,6 +1,5 @@
 """flaxtrain's command line: flags -> config -> one call to the requested mode."""
 
-import logging as logging_std
 import os
 import pathlib
 import shutil
@@ -58,7 +57,9 @@ flags.DEFINE_string(
   "The checkpoint that eval, report and export use: "
   "'latest', 'best' (by the task's eval metric) or a step number.",
 )
-flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
+flags.DEFINE_bool(
+  "verbose", False, "Every log line on the terminal (not only the bar and events) and tracebacks."
+)
 flags.DEFINE_string(
   "coordinator_address",
   os.environ.get("FLAXTRAIN_COORDINATOR_ADDRESS"),
@@ -209,7 +210,9 @@ def _run():
       report.event_files(workdir)
   if isinstance(FLAGS.config.batch_size, int) and FLAGS.config.batch_size > 0:
     _cpu_devices_default(FLAGS.config.batch_size)
-  from flaxtrain import distributed  # Imports jax: after flags, so errors stay short.
+  from flaxtrain import console, distributed  # Imports jax: after flags, so errors stay short.
+
+  console.import_tensorflow_quietly()  # Its C++ start-up notes go to the log file only.
 
   distributed.initialize(
     FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.initialization_timeout
@@ -261,7 +264,7 @@ def _config_path() -> str:
 
 
 def _summary_line(s: dict, workdir: str) -> str:
-  from flaxtrain import evaluate
+  from flaxtrain import console, evaluate
 
   speed = s.get("train_examples_per_sec")
   speed = f"{speed:,.0f} train examples/s" if speed else "no steps trained"
@@ -270,16 +273,9 @@ def _summary_line(s: dict, workdir: str) -> str:
   return (
     f"flaxtrain: step {s['step']}: {evaluate.metrics_text(s)} on {s['eval_examples']} "
     f"examples; {speed}; "
-    f"{s['wall_s']:.1f} s wall; summary in {os.path.join(workdir, 'summary.json')}"
+    f"{s['wall_s']:.1f} s wall; summary in {os.path.join(workdir, 'summary.json')}, "
+    f"log in {console.log_path(workdir)}"
   )
-
-
-class _QuietLibraries(logging_std.Filter):
-  """Drops the INFO chatter of Orbax, TFDS and TF (kept with --verbose)."""
-
-  def filter(self, record):
-    noisy = ("/orbax/", "/tensorflow_datasets/", "/tensorflow/")
-    return record.levelno >= logging_std.WARNING or not any(n in record.pathname for n in noisy)
 
 
 def _list_configs():
@@ -413,8 +409,10 @@ def run():
     _list_configs()
     sys.exit(0)
   logging.set_verbosity(logging.INFO)
-  if "--verbose" not in sys.argv and "--verbose=true" not in sys.argv:
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+  from flaxtrain import console
+
+  # A terminal shows the bar and the run's events; the workdir's log file gets everything.
+  console.setup(verbose=_flag_given(sys.argv, ("verbose",)))
   try:
     sys.argv = _resolve_config_names(sys.argv)
     config_check.check_overrides(config_check.load_config_file(_config_arg(sys.argv)), sys.argv)

@@ -39,6 +39,7 @@ class Progress:
     self._last = None  # (time, step) of the previous update.
     self._drawn_at = None
     self._line = ""
+    self._last_drawn = ""
     self._log_filter = _ClearLineBeforeLogs(self)
     if self.enabled:
       logging.get_absl_handler().addFilter(self._log_filter)
@@ -83,6 +84,8 @@ class Progress:
     """Leaves the last line in place and stops touching the terminal."""
     if not self.enabled:
       return
+    if not self._line and self._last_drawn:  # Erased by a log line after the last update.
+      self._draw(self._last_drawn)
     if self._line:
       self.stream.write("\n")
       self.stream.flush()
@@ -99,7 +102,7 @@ class Progress:
 
   def _draw(self, line: str):
     width = shutil.get_terminal_size((100, 20)).columns - 1
-    self._line = line[:width]
+    self._line = self._last_drawn = line[:width]
     self.stream.write(_CLEAR + self._line)
     self.stream.flush()
 

@@ -6,6 +6,7 @@ first save (as the Flax ImageNet example does, flax issue 3364).
 """
 
 import contextlib
+import dataclasses
 import json
 import secrets
 
@@ -81,9 +82,20 @@ def atomic_write(path: epath.Path, text: str):
   tmp.replace(path)
 
 
+# The dataset's shape and classes as the run saw them: `flaxtrain.load` builds the model
+# from this and config.json without loading the data.
+SPEC_FILE = "dataset.json"
+
+
 def write_config(workdir: str, config, par):
   if par.process_index == 0:
     atomic_write(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=2))
+
+
+def write_spec(workdir: str, spec, par):
+  if par.process_index == 0:
+    fields = dataclasses.asdict(spec)
+    atomic_write(epath.Path(workdir) / SPEC_FILE, json.dumps(fields, indent=2))
 
 
 def write_summary(workdir: str, summary: dict, par):

@@ -221,7 +221,6 @@ def test_a_tracker_that_cannot_start_fails_before_training(tmp_path, monkeypatch
 # ------------------------------------------------------------------ end to end
 
 
-@pytest.mark.skip(reason="wired into the loop by the integrator")
 def test_training_sends_config_metrics_and_summary_to_every_tracker(synthetic_data, tmp_path):
   workdir = tmp_path / "run"
   config = tiny_config(

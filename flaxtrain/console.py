@@ -1,0 +1,231 @@
+"""What a run shows on the terminal, and the full log every run keeps in its workdir.
+
+On a terminal (stderr is a TTY) a run shows the progress bar and one line per eval,
+checkpoint, resume and stop (`event`), plus warnings and errors; `--verbose` shows every
+log line. Piped output (batch jobs, CI) gets the plain absl log lines, less the INFO
+chatter of Orbax, TFDS and TensorFlow. Either way every record, library chatter
+included, goes to `<workdir>/flaxtrain.log` (`flaxtrain.process<N>.log` for process N > 0),
+appended across resumes. TensorFlow's C++ start-up notes (oneDNN, absl::InitializeLog)
+go only to that file.
+"""
+
+import contextlib
+import datetime
+import logging as logging_std
+import os
+import sys
+import tempfile
+
+from absl import logging
+
+_EVENT = "flaxtrain_event"  # A record attribute: a line for the terminal.
+_FILE_ONLY = "flaxtrain_file_only"  # A record attribute: the log file, never the terminal.
+# Libraries whose INFO records are chatter on a terminal or in a job's output.
+_NOISY = ("/orbax/", "/tensorflow_datasets/", "/tensorflow/", "/jax/_src/xla_bridge")
+
+
+def event(msg: str, *args):
+  """Logs a line the terminal shows even when quiet: eval, checkpoint, resume, stop."""
+  logging.info(msg, *args, extra={_EVENT: True})
+
+
+def file_only(msg: str, *args):
+  """Logs a line that only the log file gets."""
+  logging.info(msg, *args, extra={_FILE_ONLY: True})
+
+
+# The file and line of a record are its caller's, not these helpers'.
+logging.ABSLLogger.register_frame_to_skip(__file__, "event")
+logging.ABSLLogger.register_frame_to_skip(__file__, "file_only")
+logging.ABSLLogger.register_frame_to_skip(__file__, "startup_notes_to_log")
+
+
+def setup(*, verbose: bool = False, stream=None):
+  """The terminal's filters on absl's stderr handler, and a log file that buffers until
+  `log_to_file` knows the workdir. Call once, before anything logs (the CLI does)."""
+  stream = stream or sys.stderr
+  handler = logging.get_absl_handler()
+  if not verbose:
+    quiet = _interactive(stream)
+    handler.addFilter(_TerminalFilter(quiet))
+    if quiet:  # The events as plain lines, not absl's "I1202 08:15:42.005 ... file.py:29]".
+      handler.setFormatter(_TerminalFormatter())
+  root = logging_std.getLogger()
+  if not any(isinstance(h, _LogFile) for h in root.handlers):
+    root.addHandler(_LogFile())
+
+
+def log_to_file(workdir: str, process_index: int) -> "_LogFile | None":
+  """From now on (and for what was buffered) the full log goes to a file in `workdir`.
+
+  Returns the handler; `close_log_file(handler)` at the end of the run. Without `setup`
+  (e.g. the Python API) this adds the handler itself. A workdir in an object store
+  (`gs://...`, which cannot append) keeps no log file: the job's own output is the log.
+  """
+  root = logging_std.getLogger()
+  if "://" in workdir:
+    for h in [h for h in root.handlers if isinstance(h, _LogFile)]:
+      close_log_file(h)
+    return None
+  handler = next((h for h in root.handlers if isinstance(h, _LogFile)), None)
+  if handler is None:
+    handler = _LogFile()
+    root.addHandler(handler)
+  handler.open(log_path(workdir, process_index))
+  return handler
+
+
+def close_log_file(handler: "_LogFile | None"):
+  if handler is None:
+    return
+  root = logging_std.getLogger()
+  if handler in root.handlers:
+    root.removeHandler(handler)
+  handler.close()
+
+
+def log_path(workdir: str, process_index: int = 0) -> str:
+  name = "flaxtrain.log" if process_index == 0 else f"flaxtrain.process{process_index}.log"
+  return os.path.join(workdir, name)
+
+
+@contextlib.contextmanager
+def startup_notes_to_log():
+  """Runs the block with file descriptor 2 captured; what C++ libraries printed there
+  (TensorFlow's oneDNN and absl::InitializeLog notes) is logged to the file only. If the
+  block fails, the captured text goes back to stderr, so that no error is hidden."""
+  try:
+    sys.stderr.flush()
+    saved = os.dup(2)
+  except (OSError, ValueError):  # No real stderr (e.g. some notebooks): nothing to do.
+    yield
+    return
+  with tempfile.TemporaryFile() as tmp:
+    os.dup2(tmp.fileno(), 2)
+    failed = True
+    try:
+      yield
+      failed = False
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      tmp.seek(0)
+      text = tmp.read().decode(errors="replace")
+      if failed:
+        sys.stderr.write(text)
+      else:
+        for line in text.splitlines():
+          if line.strip():
+            file_only("%s", line)
+
+
+def import_tensorflow_quietly():
+  """Imports TensorFlow (used only by TFDS and TensorBoard) with its notes kept out of
+  the terminal."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  with startup_notes_to_log():
+    import tensorflow  # noqa: F401
+
+
+@contextlib.contextmanager
+def api_logging():
+  """For `flaxtrain.train` outside the CLI (a notebook): INFO records are made, so that the
+  log file gets them; stderr shows only the events, warnings and errors, unless the
+  caller's program already handles logging (e.g. an absl app)."""
+  root = logging_std.getLogger()
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.INFO)
+  handler = None
+  if not root.handlers:
+    handler = logging_std.StreamHandler(sys.stderr)
+    handler.setFormatter(logging_std.Formatter("%(message)s"))
+    handler.addFilter(_TerminalFilter(quiet=True))
+    root.addHandler(handler)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
+    if handler is not None:
+      root.removeHandler(handler)
+
+
+class _TerminalFilter(logging_std.Filter):
+  """Quiet (a terminal): events, warnings and errors. Otherwise: all but library chatter."""
+
+  def __init__(self, quiet: bool):
+    super().__init__()
+    self.quiet = quiet
+
+  def filter(self, record):
+    if getattr(record, _FILE_ONLY, False):
+      return False
+    if record.levelno >= logging_std.WARNING:
+      return True
+    if self.quiet:
+      return getattr(record, _EVENT, False)
+    return not any(n in record.pathname for n in _NOISY)
+
+
+class _TerminalFormatter(logging_std.Formatter):
+  def format(self, record):
+    text = record.getMessage()
+    if record.levelno >= logging_std.WARNING:
+      text = f"{record.levelname.capitalize()}: {text}"
+    if record.exc_info:
+      text += "\n" + self.formatException(record.exc_info)
+    return text
+
+
+class _LogFile(logging_std.Handler):
+  """Every record at INFO and above, in absl's format: buffered until `open(path)`."""
+
+  def __init__(self):
+    super().__init__(logging_std.INFO)
+    self.setFormatter(logging.PythonFormatter())
+    self._buffer = []
+    self._file = None
+
+  def open(self, path: str):
+    self.acquire()
+    try:
+      if self._file is not None:
+        self._file.close()
+      self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close().
+      started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+      self._file.write(f"---- flaxtrain {started}: {' '.join(sys.argv)}\n")
+      for record in self._buffer:
+        self._write(record)
+      self._buffer = []
+      self._file.flush()
+    finally:
+      self.release()
+
+  def emit(self, record):
+    try:
+      if self._file is None:
+        if len(self._buffer) < 10_000:  # Before the workdir exists.
+          self._buffer.append(record)
+        return
+      self._write(record)
+      self._file.flush()
+    except Exception:  # noqa: BLE001 - logging's own rule: report, never raise.
+      self.handleError(record)
+
+  def _write(self, record):
+    self._file.write(self.format(record) + "\n")
+
+  def close(self):
+    self.acquire()
+    try:
+      if self._file is not None:
+        self._file.close()
+        self._file = None
+      self._buffer = []
+    finally:
+      self.release()
+    super().close()
+
+
+def _interactive(stream) -> bool:
+  isatty = getattr(stream, "isatty", None)
+  return bool(isatty and isatty())
