@@ -7,7 +7,7 @@ ARGS ?=
 # Debian ships the original Fashion-MNIST files: used offline where there is no internet.
 FASHION_MNIST_DEB := /usr/share/datasets/fashion-mnist
 
-.PHONY: venv data train test test-fast lint format bench clean
+.PHONY: venv data train test test-fast test-newest lint format bench clean
 
 venv: $(BIN)/.installed
 
@@ -35,6 +35,21 @@ test: venv
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The newest stack TPU VM and GPU users install: Python 3.12 (found, or installed by
+# scripts/python312.sh) with the newest jax, flax, optax, orbax and TFDS; all but the
+# slow tests.
+NEWEST ?= .venv-newest
+test-newest:
+	@test -x $(NEWEST)/bin/python || "$$(bash scripts/python312.sh)" -m venv $(NEWEST)
+	$(NEWEST)/bin/pip install --quiet --upgrade pip 'setuptools>=77'
+	$(NEWEST)/bin/pip install --quiet --upgrade -e '.[dev]' jax flax optax orbax-checkpoint \
+	  tensorflow-datasets grain
+	@$(NEWEST)/bin/python -c "import sys, jax, flax, optax, orbax.checkpoint as o, \
+	  tensorflow_datasets as t; print('newest stack: Python', sys.version.split()[0], \
+	  'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, \
+	  'orbax', o.__version__, 'tfds', t.__version__)"
+	$(NEWEST)/bin/python -m pytest -q -m "not slow"
+
 lint: venv
 	$(BIN)/ruff check flaxtrain tests configs scripts
 	$(BIN)/ruff format --check flaxtrain tests configs scripts
@@ -47,4 +62,4 @@ bench: venv
 	$(BIN)/python scripts/benchmark.py --config=$(CONFIG) $(ARGS)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(NEWEST) runs .pytest_cache
