@@ -100,6 +100,11 @@ def startup_notes_to_log():
   except (OSError, ValueError):  # No real stderr (e.g. some notebooks): nothing to do.
     yield
     return
+  # Python's own log records still reach the terminal, through a copy of the real fd 2.
+  python_handler = logging.get_absl_handler().python_handler
+  real = os.fdopen(os.dup(saved), "w", buffering=1, encoding="utf-8", errors="replace")
+  previous = python_handler.setStream(real) if python_handler.stream is sys.stderr else None
+  python_stderr, sys.stderr = sys.stderr, real
   with tempfile.TemporaryFile() as tmp:
     os.dup2(tmp.fileno(), 2)
     failed = True
@@ -109,6 +114,10 @@ def startup_notes_to_log():
     finally:
       os.dup2(saved, 2)
       os.close(saved)
+      sys.stderr = python_stderr
+      if previous is not None:
+        python_handler.setStream(previous)
+      real.close()
       tmp.seek(0)
       text = tmp.read().decode(errors="replace")
       if failed:

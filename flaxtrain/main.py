@@ -217,6 +217,10 @@ def _run():
   distributed.initialize(
     FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.initialization_timeout
   )
+  with console.startup_notes_to_log():  # XLA's C++ notes as the backends start.
+    import jax
+
+    jax.devices()
   if FLAGS.mode == "train":
     _train(FLAGS.config, workdir)
     return

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, TINY_FLAGS
 
 
@@ -97,3 +98,27 @@ def test_terminal_shows_the_bar_and_events_and_the_log_file_keeps_everything(
   assert "train_loss=" in piped.stderr and "oneDNN" not in piped.stderr
   log = (workdir / "flaxtrain.log").read_text()
   assert log.count("---- flaxtrain ") == 2 and "Step 30: eval loss" in log
+
+
+def test_native_startup_notes_go_to_the_log_file_and_errors_keep_them(tmp_path, capfd):
+  from absl import logging
+
+  from flaxtrain import console
+
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.INFO)  # As the command line sets it.
+  handler = console.log_to_file(str(tmp_path), 0)
+  try:
+    with console.startup_notes_to_log():
+      os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on.\n")  # As C++ does.
+      print("a Python line on stderr", file=sys.stderr)  # Python's own output still shows.
+    with pytest.raises(RuntimeError), console.startup_notes_to_log():
+      os.write(2, b"F0000 the native reason it failed\n")
+      raise RuntimeError("backend failed")
+  finally:
+    console.close_log_file(handler)
+    logging.set_verbosity(verbosity)
+  err = capfd.readouterr().err
+  assert "oneDNN" not in err and "a Python line on stderr" in err
+  assert "the native reason it failed" in err  # A failure shows what was captured.
+  assert "oneDNN custom operations" in (tmp_path / "flaxtrain.log").read_text()
