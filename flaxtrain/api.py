@@ -11,6 +11,7 @@ devices loads into a 1-device session (the checkpoint is restored into this proc
 first device, whatever the run used).
 """
 
+import copy
 import dataclasses
 import json
 import os
@@ -71,6 +72,12 @@ class Run:
 
   def _batched(self, images, batch_size: int, raw: bool) -> np.ndarray:
     images = np.asarray(images)
+    if images.dtype != np.uint8:
+      raise UserError(
+        f"predict and apply take uint8 images (pixels 0-255, as the dataset stores them), "
+        f"got {images.dtype}: convert them, or call run.model.apply(run.variables, x, "
+        "train=False) on floats normalised as in training."
+      )
     shape = tuple(self.spec.image_shape)
     single = images.shape == shape
     if single:
@@ -89,7 +96,9 @@ class Run:
       if pad:  # One compiled shape for every chunk.
         chunk = np.concatenate([chunk, np.zeros((pad, *shape), chunk.dtype)])
       outputs.append(np.asarray(fn(self.variables, chunk))[: len(chunk) - pad])
-    out = np.concatenate(outputs) if outputs else np.zeros((0,))
+    if not outputs:  # No images: the output's shape from one padded example.
+      return np.asarray(fn(self.variables, np.zeros((1, *shape), np.uint8)))[:0]
+    out = np.concatenate(outputs)
     return out[0] if single else out
 
   def _fn(self, raw: bool):
@@ -111,7 +120,7 @@ def load(workdir: str, step: int | str = "latest") -> Run:
   of the run in `workdir`, on this process's first device."""
   if isinstance(step, str) and step.isdigit():
     step = int(step)
-  if step not in ("latest", "best") and not isinstance(step, int):
+  if isinstance(step, bool) or (step not in ("latest", "best") and not isinstance(step, int)):
     raise UserError(f"step={step!r} is not a checkpoint: pass 'latest', 'best' or a step number.")
   evaluate.check_run(workdir, step)
   config = _run_config(workdir)
@@ -161,13 +170,14 @@ def train(
   `config` is a packaged config's name, a config file's path or a ConfigDict;
   `overrides` set its fields: `num_epochs=2`, `optimizer__learning_rate=1e-3` (or
   `**{"optimizer.learning_rate": 1e-3}`). The default workdir is runs/<config name>.
-  Uses every device JAX sees in this process.
+  Uses every device JAX sees in this process. After a stop signal (SIGTERM, Ctrl-C) the
+  checkpoint is saved and the summary is only `{"step": N, "stopped": True}`.
   """
   from flaxtrain import console, loop, progress
 
   if isinstance(config, ml_collections.ConfigDict):
     name = "run"
-    config = ml_collections.ConfigDict(config.to_dict())  # The caller's stays as it was.
+    config = copy.deepcopy(config)  # The caller's stays as it was.
   else:
     name = epath.Path(str(config)).stem
     config = config_files.load(str(config))
@@ -175,12 +185,13 @@ def train(
     _override(config, key.replace("__", "."), value)
   config.lock()
   workdir = workdir or os.path.join("runs", name)
-  bar = progress.Progress(process_index=jax.process_index())
-  try:
-    with console.api_logging():
+  with console.api_logging() as terminal:
+    bar = progress.Progress(process_index=jax.process_index(), log_handler=terminal)
+    try:
+      console.import_tensorflow_quietly()
       return loop.train_and_evaluate(config, workdir, progress=bar)
-  finally:
-    bar.close()
+    finally:
+      bar.close()
 
 
 def _override(config: ml_collections.ConfigDict, key: str, value):

@@ -13,8 +13,9 @@ import contextlib
 import datetime
 import logging as logging_std
 import os
+import re
 import sys
-import tempfile
+import threading
 
 from absl import logging
 
@@ -37,7 +38,7 @@ def file_only(msg: str, *args):
 # The file and line of a record are its caller's, not these helpers'.
 logging.ABSLLogger.register_frame_to_skip(__file__, "event")
 logging.ABSLLogger.register_frame_to_skip(__file__, "file_only")
-logging.ABSLLogger.register_frame_to_skip(__file__, "startup_notes_to_log")
+logging.ABSLLogger.register_frame_to_skip(__file__, "_forward_native_lines")
 
 
 def setup(*, verbose: bool = False, stream=None):
@@ -89,43 +90,68 @@ def log_path(workdir: str, process_index: int = 0) -> str:
   return os.path.join(workdir, name)
 
 
+# Native start-up notes: glog/absl-style INFO and WARNING lines ("I0000 00:00:17.. port.cc:153]
+# oneDNN ...") and absl's note that it logs to stderr before InitializeLog. Everything else
+# printed on fd 2 (errors, fatal checks, unknown text) still reaches the terminal.
+_NOTE = re.compile(
+  r"^(?:[IW]\d{4} |WARNING: All log messages before absl::InitializeLog\(\) is called)"
+)
+
+
 @contextlib.contextmanager
 def startup_notes_to_log():
-  """Runs the block with file descriptor 2 captured; what C++ libraries printed there
-  (TensorFlow's oneDNN and absl::InitializeLog notes) is logged to the file only. If the
-  block fails, the captured text goes back to stderr, so that no error is hidden."""
+  """Runs the block with file descriptor 2 read through a pipe, line by line as it comes:
+  native start-up notes (TensorFlow's oneDNN note, XLA's INFO/WARNING lines) go to the log
+  file only; any other line (an error, a fatal check, unknown text) is also written to the
+  real stderr at once, so that a crash inside the block still shows its reason. Python's
+  own writes to sys.stderr (log records, warnings) bypass the pipe."""
   try:
     sys.stderr.flush()
     saved = os.dup(2)
   except (OSError, ValueError):  # No real stderr (e.g. some notebooks): nothing to do.
     yield
     return
-  # Python's own log records still reach the terminal, through a copy of the real fd 2.
   python_handler = logging.get_absl_handler().python_handler
-  real = os.fdopen(os.dup(saved), "w", buffering=1, encoding="utf-8", errors="replace")
-  previous = python_handler.setStream(real) if python_handler.stream is sys.stderr else None
-  python_stderr, sys.stderr = sys.stderr, real
-  with tempfile.TemporaryFile() as tmp:
-    os.dup2(tmp.fileno(), 2)
-    failed = True
-    try:
-      yield
-      failed = False
-    finally:
-      os.dup2(saved, 2)
-      os.close(saved)
-      sys.stderr = python_stderr
-      if previous is not None:
-        python_handler.setStream(previous)
+  python_stderr, previous, real, reader = sys.stderr, None, None, None
+  try:
+    real = os.fdopen(os.dup(saved), "w", buffering=1, encoding="utf-8", errors="replace")
+    read_end, write_end = os.pipe()
+    reader = threading.Thread(
+      target=_forward_native_lines, args=(read_end, real), name="fd2-notes", daemon=True
+    )
+    reader.start()
+    if python_handler.stream is sys.stderr:
+      previous = python_handler.setStream(real)
+    sys.stderr = real
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    yield
+  finally:
+    os.dup2(saved, 2)  # Closes the pipe's last write end: the reader sees its end.
+    os.close(saved)
+    sys.stderr = python_stderr
+    if previous is not None:
+      python_handler.setStream(previous)
+    if reader is not None:
+      reader.join(timeout=5)
+    if real is not None:
       real.close()
-      tmp.seek(0)
-      text = tmp.read().decode(errors="replace")
-      if failed:
-        sys.stderr.write(text)
+
+
+def _forward_native_lines(fd: int, real):
+  with os.fdopen(fd, "rb") as pipe:
+    for raw in pipe:
+      line = raw.decode(errors="replace").rstrip("\n")
+      if not line.strip():
+        continue
+      if _NOTE.match(line):
+        file_only("%s", line)
       else:
-        for line in text.splitlines():
-          if line.strip():
-            file_only("%s", line)
+        try:
+          real.write(line + "\n")
+        except (OSError, ValueError):  # The block ended and closed it: the file still has it.
+          pass
+        file_only("%s", line)
 
 
 def import_tensorflow_quietly():
@@ -138,24 +164,37 @@ def import_tensorflow_quietly():
 
 @contextlib.contextmanager
 def api_logging():
-  """For `flaxtrain.train` outside the CLI (a notebook): INFO records are made, so that the
-  log file gets them; stderr shows only the events, warnings and errors, unless the
-  caller's program already handles logging (e.g. an absl app)."""
+  """For `flaxtrain.train` outside the command line (a script, a notebook): absl's INFO
+  records are made, so that the log file gets them (from the start: buffered until the
+  workdir exists); stderr shows only the events, warnings and errors. Yields the stderr
+  handler (the progress bar clears its line before it writes). Everything is put back
+  afterwards."""
+  absl_logger = logging_std.getLogger("absl")
   root = logging_std.getLogger()
-  verbosity = logging.get_verbosity()
+  verbosity, propagate = logging.get_verbosity(), absl_logger.propagate
+  terminal = logging_std.StreamHandler(sys.stderr)
+  terminal.setFormatter(_TerminalFormatter())
+  terminal.addFilter(_TerminalFilter(quiet=True))
+  log_file = next((h for h in root.handlers if isinstance(h, _LogFile)), None)
+  own_file = log_file is None
+  if own_file:
+    log_file = _LogFile()
+    root.addHandler(log_file)  # Other libraries' records.
+  # absl's records go to these two only: a handler the caller's program (or a library's
+  # logging.basicConfig) put on the root logger would print every INFO line.
+  absl_logger.addHandler(terminal)
+  absl_logger.addHandler(log_file)
+  absl_logger.propagate = False
   logging.set_verbosity(logging.INFO)
-  handler = None
-  if not root.handlers:
-    handler = logging_std.StreamHandler(sys.stderr)
-    handler.setFormatter(logging_std.Formatter("%(message)s"))
-    handler.addFilter(_TerminalFilter(quiet=True))
-    root.addHandler(handler)
   try:
-    yield
+    yield terminal
   finally:
     logging.set_verbosity(verbosity)
-    if handler is not None:
-      root.removeHandler(handler)
+    absl_logger.propagate = propagate
+    absl_logger.removeHandler(terminal)
+    absl_logger.removeHandler(log_file)
+    if own_file:
+      close_log_file(log_file)
 
 
 class _TerminalFilter(logging_std.Filter):

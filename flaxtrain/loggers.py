@@ -512,7 +512,7 @@ def _nested(flat: Mapping[str, Any]) -> dict:
 
 def _one_line(e: BaseException) -> str:
   text = " ".join(str(e).split()) or type(e).__name__
-  return text[:200]
+  return text if len(text) <= 200 else text[:199] + "…"
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ class Progress:
     stream=None,
     min_interval_s: float = 0.1,
     clock=time.monotonic,
+    log_handler=None,
   ):
     self.stream = stream or sys.stderr
     self.enabled = process_index == 0 and _interactive(self.stream)
@@ -41,8 +42,10 @@ class Progress:
     self._line = ""
     self._last_drawn = ""
     self._log_filter = _ClearLineBeforeLogs(self)
+    # The handler that prints log lines on this terminal (default: absl's).
+    self._log_handler = log_handler or logging.get_absl_handler()
     if self.enabled:
-      logging.get_absl_handler().addFilter(self._log_filter)
+      self._log_handler.addFilter(self._log_filter)
 
   def start(self, *, total_steps: int, steps_per_epoch: int, batch_size: int):
     """What the bar needs for epochs, examples/s and the ETA, once the plan is known."""
@@ -89,7 +92,7 @@ class Progress:
     if self._line:
       self.stream.write("\n")
       self.stream.flush()
-    logging.get_absl_handler().removeFilter(self._log_filter)
+    self._log_handler.removeFilter(self._log_filter)
     self.enabled = False
 
   def clear(self):

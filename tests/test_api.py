@@ -20,6 +20,8 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count={devices}"
 sys.path.insert(0, {tests!r})
 import json, numpy as np, pytest
 import jax
+from flaxtrain import console
+console.import_tensorflow_quietly()  # conftest's imports load TensorFlow before any train().
 from conftest import patch_synthetic, synthetic_split, tiny_config
 patch_synthetic(pytest.MonkeyPatch())
 import flaxtrain
@@ -27,7 +29,7 @@ assert len(jax.devices()) == {devices}, jax.devices()
 """
 
 
-def _python(devices: int, body: str, tmp_path) -> dict:
+def _python(devices: int, body: str, tmp_path) -> tuple[dict, str]:
   code = _SCRIPT.format(devices=devices, tests=str(ROOT / "tests")) + textwrap.dedent(body)
   out = tmp_path / "out.json"
   env = {**os.environ, "OUT": str(out)}
@@ -35,13 +37,13 @@ def _python(devices: int, body: str, tmp_path) -> dict:
     [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(out.read_text())
+  return json.loads(out.read_text()), proc.stderr
 
 
 @pytest.mark.slow
 def test_a_two_device_run_loads_in_a_one_device_process(tmp_path):
   workdir = tmp_path / "run"
-  trained = _python(
+  trained, stderr = _python(
     2,
     f"""
     summary = flaxtrain.train(tiny_config(), {str(workdir)!r}, num_epochs=1,
@@ -51,11 +53,15 @@ def test_a_two_device_run_loads_in_a_one_device_process(tmp_path):
     tmp_path,
   )
   assert trained["devices"] == 2 and trained["step"] == 2048 // 64
+  # A script's stderr: the eval line, not the log (nor TensorFlow's start-up notes).
+  shown = [line for line in stderr.splitlines() if line.strip()]
+  assert len(shown) == 1 and shown[0].startswith("Step 32: eval loss"), stderr[-3000:]
   assert json.loads((workdir / "config.json").read_text())["optimizer"]["learning_rate"] == 0.01
   log = (workdir / "flaxtrain.log").read_text()
-  assert "Step 32: eval loss" in log and "[Hyperparameters]" in log  # The full log.
+  for record in ("Devices: ", "[Hyperparameters]", "Step 32: eval loss"):
+    assert record in log, record  # The full log, from before the workdir existed.
 
-  loaded = _python(
+  loaded, _ = _python(
     1,
     f"""
     run = flaxtrain.load({str(workdir)!r})
@@ -86,11 +92,19 @@ def test_load_best_and_numbered_steps_and_bad_input(tmp_path, synthetic_data):
   assert summary["step"] == 64
   assert flaxtrain.load(workdir, step=32).step == 32
   best = flaxtrain.load(workdir, step="best")
-  assert best.step in (32, 48, 64) and best.summary["step"] == 64
+  accuracy = {
+    int(p.parent.parent.name): json.loads(p.read_text())["eval_accuracy"]
+    for p in (tmp_path / "run" / "checkpoints").glob("*/metrics/metrics")
+  }
+  assert len(accuracy) == 3 and accuracy[best.step] == max(accuracy.values()), accuracy
+  assert best.summary["step"] == 64
   images = synthetic_split(4, 2)["image"]
   assert best.apply(images).shape == (4, 10)  # Logits.
   with pytest.raises(UserError, match=r"Images must be \[N, 28, 28, 1\]"):
     best.predict(np.zeros((2, 32, 32, 1), np.uint8))
+  with pytest.raises(UserError, match="take uint8 images"):
+    best.predict(images.astype(np.float32) / 255)
+  assert best.predict(images[:0]).shape == (0, 10)
   with pytest.raises(UserError, match="no checkpoint at step 5"):
     flaxtrain.load(workdir, step=5)
   with pytest.raises(UserError, match="does not exist"):
