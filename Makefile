@@ -40,7 +40,7 @@ test-fast: venv
 # slow tests.
 NEWEST ?= .venv-newest
 test-newest:
-	@test -x $(NEWEST)/bin/python || "$$(bash scripts/python312.sh)" -m venv $(NEWEST)
+	@test -x $(NEWEST)/bin/python || { py=$$(bash scripts/python312.sh) && "$$py" -m venv $(NEWEST); }
 	$(NEWEST)/bin/pip install --quiet --upgrade pip 'setuptools>=77'
 	$(NEWEST)/bin/pip install --quiet --upgrade -e '.[dev]' jax flax optax orbax-checkpoint \
 	  tensorflow-datasets grain
