@@ -80,8 +80,8 @@ def test_log_records_erase_the_bar_first():
   record = logging_std.LogRecord("absl", logging_std.INFO, __file__, 1, "hello", None, None)
   assert logging.get_absl_handler().filter(record)
   assert stream.getvalue().endswith("\r\x1b[K")
-  bar.close()
-  assert stream.getvalue().endswith("\r\x1b[K")  # Nothing left on the line to keep.
+  bar.close()  # The bar a log line erased is drawn again, to stay above what follows.
+  assert stream.getvalue().endswith("\r\x1b[K" + bar.line(3) + "\n")
   assert not any(isinstance(f, type(bar._log_filter)) for f in logging.get_absl_handler().filters)
 
 
