@@ -27,12 +27,17 @@ class Plan:
   eval_every: int
   checkpoint_every: int
   steps_per_dispatch: int
+  # The profiler's window (first, end): it traces steps first+1..end, so it starts and
+  # stops between chunks. None: no trace.
+  profile: tuple[int, int] | None = None
 
   def next_stop(self, step: int) -> int:
-    """The next step at which the host must log, evaluate, checkpoint or finish."""
+    """The next step at which the host must log, evaluate, checkpoint, start or stop the
+    profiler, or finish."""
     nxt = [self.total_steps]
     for every in (self.log_every, self.eval_every, self.checkpoint_every):
       nxt.append((step // every + 1) * every)
+    nxt += [edge for edge in self.profile or () if edge > step]
     return min(min(nxt), step + self.steps_per_dispatch)
 
 
@@ -98,10 +103,36 @@ def validate(config: ml_collections.ConfigDict, par: parallel.DataParallel):
     raise UserError(
       f"compute_dtype must be one of {', '.join(DTYPES)}, got {config.compute_dtype!r}."
     )
+  _validate_profile(config, par)
   sources.validate(config)
   models.get(config.model, num_classes=2)  # Unknown names fail here, before any data.
   tasks.get(config.task, num_classes=2)
   optimizers.validate(config.optimizer, config.schedule)
+
+
+def _validate_profile(config, par):
+  window = config.get("profile_steps")  # .get: a config.json of an older run lacks them.
+  if window is not None and not (
+    isinstance(window, tuple | list)
+    and len(window) == 2
+    and all(isinstance(v, int) and not isinstance(v, bool) for v in window)
+    and window[0] >= 0
+    and window[1] >= 1
+  ):
+    raise UserError(
+      f"profile_steps must be (start, count) with start >= 0 and count >= 1, got "
+      f"{window!r}: set e.g. --config.profile_steps='(100, 5)' for the 5 steps after step 100."
+    )
+  process = config.get("profile_process", 0)
+  if (
+    not isinstance(process, int)
+    or isinstance(process, bool)
+    or not -1 <= process < par.num_processes
+  ):
+    raise UserError(
+      f"profile_process must be -1 (every process) or a process index below "
+      f"{par.num_processes}, got {process!r}: set --config.profile_process."
+    )
 
 
 def default_steps_per_dispatch(platform: str) -> int:
@@ -113,6 +144,15 @@ def default_steps_per_dispatch(platform: str) -> int:
 def make_plan(config, steps_per_epoch: int, platform: str = "cpu") -> Plan:
   total = config.num_train_steps or config.num_epochs * steps_per_epoch
   dispatch = config.steps_per_dispatch or default_steps_per_dispatch(platform)
+  profile = None
+  if config.get("profile_steps") is not None:
+    start, count = config.profile_steps
+    if start >= total:
+      raise UserError(
+        f"profile_steps starts after step {start}, but the run has {total} steps: set "
+        f"--config.profile_steps to a start below {total}."
+      )
+    profile = (start, min(start + count, total))
   return Plan(
     steps_per_epoch=steps_per_epoch,
     total_steps=total,
@@ -120,6 +160,7 @@ def make_plan(config, steps_per_epoch: int, platform: str = "cpu") -> Plan:
     eval_every=config.eval_every_steps or steps_per_epoch,
     checkpoint_every=config.checkpoint_every_steps or config.eval_every_steps or steps_per_epoch,
     steps_per_dispatch=dispatch,
+    profile=profile,
   )
 
 

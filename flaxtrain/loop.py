@@ -5,14 +5,25 @@ state -> restore -> loop (train chunks; log, eval, checkpoint exactly on their s
 wait -> summary. The loop never asks which data source or model it has.
 """
 
+import contextlib
+import os
 import time
 
 import jax
 import ml_collections
 from absl import logging
 from clu import asynclib, parameter_overview, periodic_actions
+from etils import epath
 
-from flaxtrain import checkpointing, console, loggers, parallel, preemption, workdirs
+from flaxtrain import (
+  checkpointing,
+  console,
+  loggers,
+  parallel,
+  preemption,
+  resources,
+  workdirs,
+)
 from flaxtrain.errors import UserError
 from flaxtrain.experiment import Experiment
 
@@ -96,9 +107,12 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
     num_train_steps=plan.total_steps, writer=writer, every_steps=config.log_every_steps
   )
   best_key = exp.task.best_metric
-  # Signal handlers only while training: they are put back on every way out.
+  # Signal handlers and the profiler only while training: both end on every way out.
   try:
-    with preemption.Stopper(par, check_every=plan.log_every) as stopper:
+    with (
+      preemption.Stopper(par, check_every=plan.log_every) as stopper,
+      _Profile(plan.profile, config, par, workdir) as profile,
+    ):
       train_metrics = None
       timing = {
         "first_step_s": None,
@@ -122,8 +136,10 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
 
       while step < plan.total_steps:
         n = plan.next_stop(step) - step
+        profiling_s = profile.start_if_due(step)  # The plan stops at the window's edges.
         t = time.time()
-        state, chunk_metrics, bad = exp.train_chunk(state, step, n)
+        with profile.annotate(step):
+          state, chunk_metrics, bad = exp.train_chunk(state, step, n)
         check(unchecked)
         unchecked = (bad, chunk_metrics)
         if timing["first_step_s"] is None:  # The first chunk compiles: time it alone.
@@ -135,6 +151,7 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
           timing["input_wait_start"] = exp.data.input_wait_s
         else:
           timing["steady_steps"] += n
+          timing["paused_s"] += profiling_s
         for s in range(step + 1, step + n + 1):  # ReportProgress wants every step.
           report(s)
         step += n
@@ -143,6 +160,7 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
         )
         logged = None
         stop = stopper.should_stop(step)
+        timing["paused_s"] += profile.stop_if_due(step, state, stop)
         if (
           step % plan.log_every == 0
           or step == plan.total_steps
@@ -203,6 +221,7 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
             "devices": par.num_devices,
             "processes": par.num_processes,
             "batch_size": config.batch_size,
+            **resources.peaks(par),
           }
           workdirs.write_summary(workdir, previous, par)
         writer.close()
@@ -231,6 +250,8 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
         "batch_size": config.batch_size,
         "input_wait_share": wait_share,
         "data_source": exp.data.description,
+        # This invocation's peaks (a resumed run's: since the resume), the max over processes.
+        **resources.peaks(par),
       }
       workdirs.write_summary(workdir, summary, par)
       writer.write_summary(summary)
@@ -238,6 +259,76 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
       return summary
   except asynclib.AsyncError as e:  # Metric writes failed (a full disk, a tracker).
     _fail_writing_metrics(e, ckpt, workdir)
+
+
+class _Profile:
+  """A `jax.profiler` trace of the plan's window (first, end): the chunks that run steps
+  first+1..end, on the process `config.profile_process` names (-1: every process)."""
+
+  def __init__(self, window, config, par, workdir: str):
+    chosen = config.get("profile_process", 0) in (-1, par.process_index)
+    self.window = window if chosen else None
+    # TensorBoard finds <logdir>/plugins/profile/<run>/<host>.xplane.pb. Processes sharing
+    # a host would write the same file name: with every process tracing, each but process 0
+    # writes under its own subdirectory.
+    self.logdir = workdir
+    if config.get("profile_process", 0) == -1 and par.process_index > 0:
+      self.logdir = os.path.join(workdir, f"process{par.process_index}")
+    self.first = None  # The step the trace started after, while it runs.
+    self.done = False
+
+  def start_if_due(self, step: int) -> float:
+    """Starts the trace at the window's start (or inside it, on a resume); returns the
+    seconds that took."""
+    if self.window is None or self.done or self.first is not None:
+      return 0.0
+    if not self.window[0] <= step < self.window[1]:
+      return 0.0
+    t = time.time()
+    self.done = True  # One try: a trace that cannot start is not retried every chunk.
+    try:
+      jax.profiler.start_trace(self.logdir)
+    except Exception as e:  # noqa: BLE001 - e.g. another trace runs: the run goes on.
+      logging.warning("Could not start the profiler (%s): training goes on without it.", e)
+      return time.time() - t
+    self.first = step
+    logging.info("Profiling the steps after step %d into %s.", step, self.logdir)
+    return time.time() - t
+
+  def annotate(self, step: int):
+    """Around a chunk's dispatch: the trace viewer's steps (numbered from 0, like `step`)."""
+    if self.first is None:
+      return contextlib.nullcontext()
+    return jax.profiler.StepTraceAnnotation("train", step_num=step)
+
+  def stop_if_due(self, step: int, state, stop_signal: bool) -> float:
+    """After a chunk: at the window's end (or a stop signal) waits for the traced steps to
+    finish and writes the trace; returns the seconds that took."""
+    if self.first is None or (step < self.window[1] and not stop_signal):
+      return 0.0
+    t = time.time()
+    jax.block_until_ready(state)  # The device work of the last traced chunk, in the trace.
+    self._stop(step)
+    return time.time() - t
+
+  def _stop(self, step: int | None):
+    first, self.first = self.first, None
+    try:
+      jax.profiler.stop_trace()
+    except Exception as e:  # noqa: BLE001 - A profile is never worth the run.
+      logging.warning("Could not write the profile to %s (%s).", self.logdir, e)
+      return
+    files = sorted(epath.Path(self.logdir).glob("plugins/profile/*/*.xplane.pb"))
+    where = files[-1] if files else self.logdir  # Run folders are named by the time.
+    steps = f"steps {first + 1}-{step}" if step is not None else f"the steps after {first}"
+    console.event("Wrote the profile of %s to %s (TensorBoard's Profile tab).", steps, where)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    if self.first is not None:  # The run ended inside the window: keep what was traced.
+      self._stop(None)
 
 
 def _step_line(step: int, eval_result: dict | None, saved: bool) -> str:

@@ -268,12 +268,20 @@ def _config_path() -> str:
 
 
 def _summary_line(s: dict, workdir: str) -> str:
-  from flaxtrain import console, evaluate
+  from flaxtrain import console, evaluate, resources
 
   speed = s.get("train_examples_per_sec")
   speed = f"{speed:,.0f} train examples/s" if speed else "no steps trained"
   if s.get("input_wait_share") is not None:  # Streamed input: did the hosts keep up?
     speed += f" ({s['input_wait_share']:.1%} of it waiting for input)"
+  # Peak memory, short: 'peak memory 3.1 GiB device, 2.4 GiB host' (no device on CPU).
+  memory = [
+    f"{resources.human_bytes(s[key])} {where}"
+    for key, where in (("peak_device_memory_bytes", "device"), ("peak_host_rss_bytes", "host"))
+    if s.get(key)
+  ]
+  if memory:
+    speed += f"; peak memory {', '.join(memory)}"
   return (
     f"flaxtrain: step {s['step']}: {evaluate.metrics_text(s)} on {s['eval_examples']} "
     f"examples; {speed}; "
