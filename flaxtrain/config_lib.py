@@ -44,6 +44,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # 2 hosts x 4 devices compute the same bits. Costs N / devices passes per device and
   # log2(devices) neighbour exchanges instead of one all-reduce. Not with BatchNorm.
   c.topology_invariant_shards = 0
+  # jax.profiler trace of train steps (start, count), e.g. (100, 5): written under
+  # <workdir>/plugins/profile/ for TensorBoard's profile plugin, by process 0 only
+  # (-1: every process). None: off. The trace does not change the run's results.
+  c.profile_steps = config_dict.placeholder(tuple)
+  c.profile_process = 0
   # Where metrics go, comma-separated: tensorboard (event files in the workdir), wandb,
   # mlflow, e.g. 'tensorboard,wandb' (docs/trackers.md). Only process 0 writes.
   c.loggers = "tensorboard"
@@ -186,10 +191,13 @@ def resnet_model(
   dropout=0.0,
   stem="imagenet",
   stage_strides=(),
+  remat="none",
 ) -> ml_collections.ConfigDict:
   """resnet18/34/50 (stages fixed by the name) or resnet_small (3x3 stem, stages given).
 
   stage_strides: stride of each stage's first block; () for (1, 2, 2, ...).
+  remat: 'none', or 'block': each residual block's activations are recomputed in the
+  backward pass instead of kept (less device memory, ~1/3 more compute).
   """
   return ml_collections.ConfigDict(
     dict(
@@ -199,13 +207,15 @@ def resnet_model(
       dropout=dropout,
       stem=stem,
       stage_strides=stage_strides,
+      remat=remat,
     )
   )
 
 
-def wide_resnet_model(depth=28, widen=10, dropout=0.0) -> ml_collections.ConfigDict:
+def wide_resnet_model(depth=28, widen=10, dropout=0.0, remat="none") -> ml_collections.ConfigDict:
+  """remat: as for resnet_model."""
   return ml_collections.ConfigDict(
-    dict(name="wide_resnet", depth=depth, widen=widen, dropout=dropout)
+    dict(name="wide_resnet", depth=depth, widen=widen, dropout=dropout, remat=remat)
   )
 
 
