@@ -21,8 +21,9 @@ Actions:
   create    Create the TPU VM (or, with --queued, a queued resource) and wait
             until it is READY. Reuses an existing one with the same name.
   install   On every worker: create a venv and pip install 'flaxtrain[tpu]'
-            from --source; with --data-bucket, also install gcsfuse and mount
-            the bucket read-only.
+            from --source, replacing an installed flaxtrain even of the same
+            version; with --data-bucket, also install gcsfuse and mount the
+            bucket read-only.
   run       Start flaxtrain on all workers at once, in the background (nohup).
             Each worker logs to ~/flaxtrain-run/logs/worker_<N>.log.
             With --follow, stream worker 0's log and wait for all workers.
@@ -86,15 +87,22 @@ Installing (install, up):
 Running (run, up):
   --workdir=DIR           Checkpoint/metrics directory, passed as --workdir.
                           Required; must be gs://BUCKET/... on a multi-host
-                          slice (every host writes the same checkpoints).
+                          slice (every host writes the same checkpoints),
+                          unless --shared-fs.
   --data-dir=DIR          TFDS data dir, passed as --config.dataset.data_dir.
-                          Must be gs://... on a multi-host slice. Default:
-                          flaxtrain's default (each worker downloads its own).
+                          Must be gs://... on a multi-host slice, unless
+                          --shared-fs. Default: flaxtrain's default (each
+                          worker downloads its own).
                           TFDS's TFRecord data (read through tf.data) can be
                           read from gs:// directly this way. ArrayRecord data
                           (the streaming input, dataset.source=stream) is
                           read by random access from a local file system:
                           use --data-bucket instead.
+  --shared-fs             --workdir and --data-dir may be absolute paths on a
+                          file system that every worker mounts at the same
+                          path (e.g. a Filestore NFS share) instead of gs://.
+                          flaxtrain checks at start-up that all workers see
+                          the same workdir.
   --config=FILE[:ARGS]    Local config file; copied to every worker. Default:
                           configs/fashion_cnn.py (relative to the current
                           directory, else to this checkout).
@@ -200,7 +208,7 @@ TPU_TYPE="" RUNTIME_VERSION="" QUEUED=0 SPOT=0 BEST_EFFORT=0 SERVICE_ACCOUNT=""
 # shellcheck disable=SC2088 # "~" is expanded on the workers, not here
 NO_WAIT=0 SOURCE="" VENV="~/flaxtrain-venv" PYTHON=python3.11 WORKDIR="" DATA_DIR=""
 CONFIG="" FOLLOW=0 TEARDOWN=0 WORKER=0 LINES=100 LOG_FOLLOW=1 DRY_RUN=0
-DATA_BUCKET="" DATA_MOUNT=""
+DATA_BUCKET="" DATA_MOUNT="" SHARED_FS=0
 EXTRA_FLAGS=()
 
 need_value() {
@@ -220,7 +228,7 @@ while (($#)); do
   case $arg in
     -h | --help) usage; exit 0 ;;
     --) shift; EXTRA_FLAGS=("$@"); break ;;
-    --queued | --spot | --best-effort | --no-wait | --follow | --teardown | --no-follow | --dry-run)
+    --queued | --spot | --best-effort | --no-wait | --follow | --teardown | --no-follow | --dry-run | --shared-fs)
       ((has_value == 0)) || die "$arg takes no value"
       case $arg in
         --queued) QUEUED=1 ;;
@@ -231,6 +239,7 @@ while (($#)); do
         --teardown) TEARDOWN=1 ;;
         --no-follow) LOG_FOLLOW=0 ;;
         --dry-run) DRY_RUN=1 ;;
+        --shared-fs) SHARED_FS=1 ;;
       esac
       ;;
     --name | --zone | --project | --tpu-type | --runtime-version | --service-account | \
@@ -296,6 +305,7 @@ if ((TEARDOWN)); then
 fi
 if ((FOLLOW)); then does run up || die "--follow only applies to run and up (use the logs action)"; fi
 if ((${#EXTRA_FLAGS[@]})); then does run up || die "flaxtrain flags after -- only apply to run and up"; fi
+if ((SHARED_FS)); then does run up || die "--shared-fs only applies to run and up"; fi
 for flag in "${EXTRA_FLAGS[@]}"; do
   [[ $flag != --config && $flag != --config=* ]] ||
     die "pass the config file as --config=FILE before '--' (the script copies it to every worker), not after it"
@@ -342,17 +352,21 @@ if does run up; then
   [[ -n $WORKDIR ]] || die "--workdir is required to $ACTION (e.g. gs://BUCKET/runs/NAME)"
   if [[ $WORKDIR == gs://* ]]; then
     [[ $WORKDIR =~ $GS_RE ]] || die "--workdir '$WORKDIR' is not a valid gs://BUCKET/PATH URL"
+  elif ((SHARED_FS)); then
+    [[ $WORKDIR == /* ]] || die "--workdir '$WORKDIR' must be an absolute path with --shared-fs (the same on every worker)"
   elif ((MULTI_HOST)); then
     if [[ -n $TPU_TYPE ]]; then
-      die "--workdir must be gs://BUCKET/... on multi-host $TPU_TYPE (all hosts share checkpoints), got '$WORKDIR'"
+      die "--workdir must be gs://BUCKET/... on multi-host $TPU_TYPE (all hosts share checkpoints), got '$WORKDIR'; on a file system every worker mounts, add --shared-fs"
     fi
     die "--workdir must be gs://BUCKET/... (all hosts share checkpoints); for a single-host slice pass --tpu-type to allow a local path"
   fi
   if [[ -n $DATA_DIR ]]; then
     if [[ $DATA_DIR == gs://* ]]; then
       [[ $DATA_DIR =~ $GS_RE ]] || die "--data-dir '$DATA_DIR' is not a valid gs://BUCKET/PATH URL"
+    elif ((SHARED_FS)); then
+      [[ $DATA_DIR == /* ]] || die "--data-dir '$DATA_DIR' must be an absolute path with --shared-fs (the same on every worker)"
     elif ((MULTI_HOST)); then
-      die "--data-dir must be gs://BUCKET/... on a multi-host slice (every host reads it), got '$DATA_DIR'"
+      die "--data-dir must be gs://BUCKET/... on a multi-host slice (every host reads it), got '$DATA_DIR'; on a file system every worker mounts, add --shared-fs"
     fi
   fi
   CONFIG=${CONFIG:-configs/fashion_cnn.py}
@@ -549,7 +563,9 @@ do_install() {
   if [[ $SOURCE_KIND != url ]]; then
     scp_all "$file" "flaxtrain-dist/"
   fi
-  ssh_all all "set -eu; $vpy -m pip install -q $pkg; $vpy -c 'import flaxtrain; print(\"flaxtrain\", flaxtrain.__version__, \"installed\")'"
+  # pip keeps an installed flaxtrain of the same version (a rebuilt wheel of an edited
+  # checkout, a git branch that moved on): uninstall it first, so that the new one is used.
+  ssh_all all "set -eu; if $vpy -m pip show -q flaxtrain >/dev/null 2>&1; then $vpy -m pip uninstall -q -y flaxtrain; fi; $vpy -m pip install -q $pkg; $vpy -c 'import flaxtrain; print(\"flaxtrain\", flaxtrain.__version__, \"installed\")'"
   if [[ -n $DATA_BUCKET ]]; then mount_data; fi
 }
 
