@@ -30,9 +30,9 @@ def event(msg: str, *args):
   logging.info(msg, *args, extra={_EVENT: True})
 
 
-def file_only(msg: str, *args):
-  """Logs a line that only the log file gets."""
-  logging.info(msg, *args, extra={_FILE_ONLY: True})
+def file_only(msg: str, *args, exc_info=False):
+  """Logs a line (with the traceback being handled, if exc_info) that only the log file gets."""
+  logging.info(msg, *args, exc_info=exc_info, extra={_FILE_ONLY: True})
 
 
 # The file and line of a record are its caller's, not these helpers'.

@@ -11,6 +11,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from clu import asynclib, parameter_overview, periodic_actions
 from etils import epath
@@ -45,6 +46,7 @@ def train_and_evaluate(
   terminal progress bar).
   """
   start_time = time.time()
+  loggers.check(config)  # Unknown trackers, missing packages: before any data is loaded.
   exp = Experiment(config, par)
   par, plan = exp.par, exp.plan
   logging.info(
@@ -63,20 +65,51 @@ def train_and_evaluate(
       batch_size=config.batch_size,
     )
 
-  loggers.check(config)  # Unknown trackers and missing packages: before the workdir.
   # Everything the user can get wrong has been checked: only now touch the workdir.
   workdirs.prepare(workdir, par)
   log_file = console.log_to_file(workdir, par.process_index)
   writer = None
   try:
     workdirs.write_spec(workdir, exp.spec, par)
-    writer = loggers.create_writer(config, workdir, process_index=par.process_index)
+    writer = _create_writer(config, workdir, par)
     return _train(exp, workdir, writer, progress, start_time)
+  except BaseException as e:  # Why the run ended goes into its log file too.
+    console.file_only("The run ended: %s", _ending(e), exc_info=not isinstance(e, UserError))
+    raise
   finally:
     if writer is not None:
       writer.abort()  # Ends the tracker runs as failed, unless the run closed them.
     exp.data.close()  # Stops the input workers of a streamed source.
     console.close_log_file(log_file)
+
+
+def _create_writer(config, workdir: str, par):
+  """The metric writers; a tracker that cannot start (only process 0 starts them) stops
+  every process, not only process 0, which the others would wait for forever."""
+  error = None
+  try:
+    writer = loggers.create_writer(config, workdir, process_index=par.process_index)
+  except UserError as e:
+    error, writer = e, None
+  if par.num_processes > 1:
+    from jax.experimental import multihost_utils
+
+    failed = multihost_utils.process_allgather(np.int32(error is not None))
+    if error is None and np.any(failed):
+      writer.abort()
+      error = UserError(
+        "Process 0 could not start the experiment trackers (--config.loggers); its log says "
+        "why: fix that and run again."
+      )
+  if error is not None:
+    raise error
+  return writer
+
+
+def _ending(e: BaseException) -> str:
+  if isinstance(e, KeyboardInterrupt):
+    return "interrupted (a second Ctrl-C)"
+  return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
 def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -> dict:

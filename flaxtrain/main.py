@@ -282,11 +282,14 @@ def _summary_line(s: dict, workdir: str) -> str:
   ]
   if memory:
     speed += f"; peak memory {', '.join(memory)}"
+  import jax
+
+  log = console.log_path(workdir, jax.process_index())
   return (
     f"flaxtrain: step {s['step']}: {evaluate.metrics_text(s)} on {s['eval_examples']} "
     f"examples; {speed}; "
-    f"{s['wall_s']:.1f} s wall; summary in {os.path.join(workdir, 'summary.json')}, "
-    f"log in {console.log_path(workdir)}"
+    f"{s['wall_s']:.1f} s wall; summary in {os.path.join(workdir, 'summary.json')}"
+    + ("" if "://" in workdir else f", log in {log}")
   )
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import sys
+import time
 
 import pytest
 from clu import asynclib
@@ -55,8 +56,18 @@ def _wandb_records(path: pathlib.Path):
       yield record
 
 
-def _wandb_runs(workdir) -> list[dict]:
-  """What each offline wandb run in the workdir recorded, oldest first."""
+def _wandb_runs(workdir, timeout_s: float = 60) -> list[dict]:
+  """What each offline wandb run in the workdir recorded, oldest first: once every run's
+  exit record is on disk (wandb's service process can write it after `finish` returns)."""
+  deadline = time.monotonic() + timeout_s
+  while True:
+    runs = _read_wandb_runs(workdir)
+    if all(r["exit_code"] is not None for r in runs) or time.monotonic() > deadline:
+      return runs
+    time.sleep(0.5)
+
+
+def _read_wandb_runs(workdir) -> list[dict]:
   runs = []
   for path in sorted(pathlib.Path(workdir, "wandb").glob("offline-run-*/run-*.wandb")):
     run = {"config": {}, "history": {}, "summary": {}, "exit_code": None}

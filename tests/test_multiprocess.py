@@ -348,3 +348,37 @@ def test_tpu_vm_bad_data_bucket_fails_before_any_gcloud_command(bad):
 
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_tracker_that_cannot_start_stops_every_process(real_data_dir, tmp_path):
+  """Only process 0 starts the trackers; the others must not wait for it forever."""
+  port = topology._free_port()
+  cmd = topology._cmd(
+    tmp_path / "w", STEPS, _flags(real_data_dir, "--config.loggers=tensorboard,mlflow")
+  )
+  env = {**topology._env(2), "MLFLOW_TRACKING_URI": "nosuchscheme://nowhere"}
+  procs = [
+    subprocess.Popen(
+      cmd + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      env=env,
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      start_new_session=True,
+    )
+    for i in range(2)
+  ]
+  try:
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+  errors = [[x for x in out.splitlines() if x.startswith("flaxtrain: error:")] for out in outs]
+  assert [p.returncode for p in procs] == [1, 1], outs[1][-3000:]
+  assert len(errors[0]) == 1 and "MLFLOW_TRACKING_URI" in errors[0][0], outs[0][-3000:]
+  assert errors[1] == [
+    "flaxtrain: error: Process 0 could not start the experiment trackers (--config.loggers); "
+    "its log says why: fix that and run again."
+  ], outs[1][-3000:]
