@@ -36,8 +36,8 @@ class Progress:
     self.batch_size = batch_size
     self._min_interval_s, self._clock = min_interval_s, clock
     self._metrics = {}
-    self._rate = None  # Steps per second, smoothed; None until two updates were seen.
-    self._last = None  # (time, step) of the previous update.
+    self._rate = None  # Steps per second; None until two updates with metrics were seen.
+    self._synced = None  # (time, step) of the last update with metrics.
     self._drawn_at = None
     self._line = ""
     self._last_drawn = ""
@@ -58,11 +58,12 @@ class Progress:
     now = self._clock()
     if metrics:
       self._metrics = {k: float(v) for k, v in metrics.items()}
-    if self._last is not None and step > self._last[1] and now > self._last[0]:
-      # From the second update on, so that compilation is never part of the rate.
-      rate = (step - self._last[1]) / (now - self._last[0])
-      self._rate = rate if self._rate is None else 0.8 * self._rate + 0.2 * rate
-    self._last = (now, step)
+      # Steps are dispatched ahead of the device; the host waits for it only where metrics
+      # are fetched. So the rate is measured between two such updates (never the first one,
+      # which includes compilation), over all that happened between them.
+      if self._synced is not None and step > self._synced[1] and now > self._synced[0]:
+        self._rate = (step - self._synced[1]) / (now - self._synced[0])
+      self._synced = (now, step)
     final = self.total_steps is not None and step >= self.total_steps
     if metrics or final or self._drawn_at is None or now - self._drawn_at >= self._min_interval_s:
       self._draw(self.line(step))

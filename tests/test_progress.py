@@ -42,7 +42,8 @@ def test_line_shows_step_epoch_metrics_speed_and_eta():
   bar = _bar(stream, clock)
   for step in range(1, 11):  # One step per second after the first (compiling) one.
     clock.now = 5.0 + step
-    bar.update(step, {"train_loss": 0.5, "train_accuracy": 0.8} if step == 10 else None)
+    logged = step in (1, 5, 10)  # Where the host fetches metrics: the rate is measured there.
+    bar.update(step, {"train_loss": 0.5, "train_accuracy": 0.8} if logged else None)
   line = _last_line(stream.getvalue())
   assert "\n" not in stream.getvalue()  # Redrawn in place.
   assert "[##..................] step 10/100" in line
@@ -52,6 +53,20 @@ def test_line_shows_step_epoch_metrics_speed_and_eta():
   assert stream.getvalue().endswith(line + "\n")
   bar.update(11)  # Closed: nothing more.
   assert stream.getvalue().endswith(line + "\n")
+
+
+def test_the_rate_ignores_dispatch_bursts_between_log_steps():
+  stream, clock = _Terminal(), _Clock()
+  bar = _bar(stream, clock)
+  bar.update(1, {"train_loss": 1.0})  # After compiling.
+  for step in range(2, 10):  # Dispatched ahead of the device: 8 steps in 0.08 s ...
+    clock.now += 0.01
+    bar.update(step)
+  assert "ex/s" not in _last_line(stream.getvalue())
+  clock.now = 9.0  # ... then the host waits for the device to fetch the metrics.
+  bar.update(10, {"train_loss": 0.9})
+  assert "32 ex/s" in _last_line(stream.getvalue())  # 9 steps in 9 s at batch 32.
+  bar.close()
 
 
 def test_metrics_persist_between_log_steps_and_no_eta_at_the_end():
