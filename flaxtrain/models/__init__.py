@@ -36,6 +36,17 @@ def _mlp(cfg, num_classes, dtype, image_shape):
   return simple.MLP(num_classes, hidden=tuple(cfg.hidden), dtype=dtype)
 
 
+def _remat(cfg) -> str:
+  """model.remat of the ResNets: 'none' or 'block' (each residual block recomputed)."""
+  remat = cfg.get("remat", "none")
+  if remat not in resnet.REMAT:
+    raise UserError(
+      f"model.remat must be one of {', '.join(resnet.REMAT)}, got {remat!r}: 'block' "
+      "recomputes each residual block's activations in the backward pass to save memory."
+    )
+  return remat
+
+
 def _resnet(stage_sizes, block, stem):
   def make(cfg, num_classes, dtype, image_shape):
     return resnet.ResNet(
@@ -46,6 +57,7 @@ def _resnet(stage_sizes, block, stem):
       stem=cfg.get("stem", stem),
       dropout=cfg.get("dropout", 0.0),
       dtype=dtype,
+      remat=_remat(cfg),
     )
 
   return make
@@ -63,6 +75,7 @@ def _resnet_small(cfg, num_classes, dtype, image_shape):
     stage_strides=tuple(strides) if strides else None,
     dropout=cfg.get("dropout", 0.0),
     dtype=dtype,
+    remat=_remat(cfg),
   )
 
 
@@ -72,7 +85,12 @@ def _wrn(cfg, num_classes, dtype, image_shape):
       f"model.depth must be 6n+4 (e.g. 16, 22, 28, 40) for a WideResNet, got {cfg.depth}."
     )
   return resnet.WideResNet(
-    num_classes, depth=cfg.depth, widen=cfg.widen, dropout=cfg.get("dropout", 0.0), dtype=dtype
+    num_classes,
+    depth=cfg.depth,
+    widen=cfg.widen,
+    dropout=cfg.get("dropout", 0.0),
+    dtype=dtype,
+    remat=_remat(cfg),
   )
 
 

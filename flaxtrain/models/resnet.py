@@ -5,6 +5,11 @@ classes on RGB has 11,689,512), with two stems: 'imagenet' (7x7/2 conv + 3x3/2 m
 pool, for 224 px) and 'small' (one 3x3 conv, for 28-32 px images). `WideResNet` is
 the pre-activation WRN-d-k of the paper, for 32 px images.
 
+remat='block' wraps each residual block in `nn.remat`: its activations are recomputed
+in the backward pass instead of kept, for less device memory at ~1/3 more compute. The
+blocks keep their names (BasicBlock_0, ...), so parameters and checkpoints are the same
+with and without it.
+
 BatchNorm: in training, statistics are computed over the *global* batch (all devices,
 through the data-parallel axis), so results do not depend on the device count and
 the running averages stay identical on every device; eval uses the running averages.
@@ -79,6 +84,21 @@ class Bottleneck(nn.Module):
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+REMAT = ("none", "block")
+
+
+def _blocks(block_cls, remat: str):
+  """Constructors of `block_cls` named as linen names them unwrapped: BasicBlock_0, ..."""
+  # static_argnums counts `self`: 2 is `train`, a Python bool that picks code paths.
+  wrapped = nn.remat(block_cls, static_argnums=(2,)) if remat == "block" else block_cls
+  count = 0
+
+  def make(*args, **kwargs):
+    nonlocal count
+    count += 1
+    return wrapped(*args, name=f"{block_cls.__name__}_{count - 1}", **kwargs)
+
+  return make
 
 
 class ResNet(nn.Module):
@@ -92,6 +112,7 @@ class ResNet(nn.Module):
   stage_strides: Sequence[int] | None = None
   dropout: float = 0.0  # Before the classifier.
   dtype: jnp.dtype = jnp.float32
+  remat: str = "none"  # 'block': recompute each block's activations (see module doc).
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -107,7 +128,7 @@ class ResNet(nn.Module):
         self.width, (3, 3), padding=1, use_bias=False, dtype=self.dtype, name="conv_init"
       )(x)
       x = nn.relu(norm(name="bn_init")(x))
-    block = BLOCKS[self.block]
+    block = _blocks(BLOCKS[self.block], self.remat)
     stage_strides = self.stage_strides or [1] + [2] * (len(self.stage_sizes) - 1)
     for i, size in enumerate(self.stage_sizes):
       for j in range(size):
@@ -146,15 +167,17 @@ class WideResNet(nn.Module):
   widen: int = 10
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  remat: str = "none"  # As for ResNet.
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     n = (self.depth - 4) // 6
+    block = _blocks(WideBlock, self.remat)
     x = nn.Conv(16, (3, 3), padding=1, use_bias=False, dtype=self.dtype, name="conv_init")(x)
     for i, width in enumerate((16, 32, 64)):
       for j in range(n):
         strides = 2 if i > 0 and j == 0 else 1
-        x = WideBlock(width * self.widen, strides, self.dropout, dtype=self.dtype)(x, train)
+        x = block(width * self.widen, strides, self.dropout, dtype=self.dtype)(x, train)
     x = nn.relu(_norm(train, self.dtype)()(x))
     x = _global_average_pool(x)
     return nn.Dense(self.num_classes, dtype=self.dtype)(x)
