@@ -1,7 +1,9 @@
 """`--mode=describe`: what a config would train and how long it would take, without a workdir.
 
 Nothing is written: the config is resolved, the data loaded, the model initialized and a
-few train steps timed from a fresh state, all in memory.
+few train steps timed from a fresh state, all in memory. With `--topology=v5e-8` the train
+step is instead compiled for that TPU slice without the hardware or the data
+(flaxtrain/topology.py): memory per chip, whether it fits, FLOPs and a step-time estimate.
 """
 
 import json
@@ -11,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from clu import parameter_overview
 
-from flaxtrain import steps, workdirs
+from flaxtrain import steps, topology, workdirs
 
 TIMED_STEPS = 10
 
@@ -31,6 +33,12 @@ def describe(exp, defaults, config_path: str, timed_steps: int = TIMED_STEPS) ->
       time_line(exp, timed_steps),
     ]
   )
+
+
+def describe_topology(config, defaults, config_path: str, topology_name: str) -> str:
+  """The report for a TPU slice that is not here; UserError if the step does not fit."""
+  analysis = topology.analyze(config, topology.parse(topology_name))
+  return "\n".join([config_changes(defaults, config, config_path), "", topology.report(analysis)])
 
 
 def config_changes(defaults, config, config_path: str) -> str:

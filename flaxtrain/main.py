@@ -57,6 +57,14 @@ flags.DEFINE_string(
   "The checkpoint that eval, report and export use: "
   "'latest', 'best' (by the task's eval metric) or a step number.",
 )
+flags.DEFINE_string(
+  "topology",
+  None,
+  "With --mode=describe: a TPU slice to compile the train step for without the hardware "
+  "or the data, e.g. v5e-8, v4-32, v5p-128, v6e-16 (Cloud TPU accelerator types); prints "
+  "memory per chip against its HBM, FLOPs and a step-time estimate, and fails when the "
+  "step does not fit. Needs libtpu: pip install 'jax[tpu]'.",
+)
 flags.DEFINE_bool(
   "verbose", False, "Every log line on the terminal (not only the bar and events) and tracebacks."
 )
@@ -201,6 +209,10 @@ def _run():
     raise UserError(
       f"--step is for --mode=eval, report and export, not --mode={FLAGS.mode}: drop it."
     )
+  if FLAGS.topology is not None and FLAGS.mode != "describe":
+    raise UserError(
+      f"--topology is for --mode=describe, not --mode={FLAGS.mode}: add --mode=describe or drop it."
+    )
   workdir = FLAGS.workdir or os.path.join("runs", pathlib.Path(_config_path()).stem)
   if FLAGS.mode in _READ_RUN:  # Fail before JAX starts or any data is loaded.
     from flaxtrain import evaluate, report
@@ -213,16 +225,31 @@ def _run():
   from flaxtrain import console, distributed  # Imports jax: after flags, so errors stay short.
 
   console.import_tensorflow_quietly()  # Its C++ start-up notes go to the log file only.
+  if FLAGS.topology is not None:
+    from flaxtrain import topology
+
+    topology.parse(FLAGS.topology)  # An unknown name fails before JAX starts.
 
   distributed.initialize(
     FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.initialization_timeout
   )
+  if FLAGS.topology is not None:  # Before the backends start: libtpu reads its settings then.
+    topology.prepare_libtpu()
   with console.startup_notes_to_log():  # XLA's C++ notes as the backends start.
     import jax
 
     jax.devices()
   if FLAGS.mode == "train":
     _train(FLAGS.config, workdir)
+    return
+  if FLAGS.topology is not None:  # Compiled for a TPU slice that is not here: no data loaded.
+    from flaxtrain import describe
+
+    defaults = config_check.load_config_file(_config_path())
+    print(
+      describe.describe_topology(FLAGS.config, defaults, _config_path(), FLAGS.topology),
+      flush=True,
+    )
     return
   from flaxtrain import experiment
 
@@ -333,7 +360,7 @@ _HELP_FLAGS = ("help", "h", "?", "helpshort")  # --helpfull stays absl's.
 
 
 def _metavar(f: flags.Flag) -> str:
-  named = {"workdir": "DIR", "coordinator_address": "HOST:PORT"}
+  named = {"workdir": "DIR", "coordinator_address": "HOST:PORT", "topology": "NAME"}
   return named.get(f.name) or {"int": "N"}.get(f.flag_type(), f.name.upper())
 
 
