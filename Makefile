@@ -36,14 +36,14 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # The newest stack TPU VM and GPU users install: Python 3.12 (found, or installed by
-# scripts/python312.sh) with the newest jax, flax, optax, orbax and TFDS; all but the
-# slow tests.
+# scripts/python312.sh) with the newest jax (with libtpu, for the TPU topology tests of
+# describe --topology), flax, optax, orbax and TFDS; all but the slow tests.
 NEWEST ?= .venv-newest
 test-newest:
 	@test -x $(NEWEST)/bin/python || { py=$$(bash scripts/python312.sh) && "$$py" -m venv $(NEWEST); }
 	$(NEWEST)/bin/pip install --quiet --upgrade pip 'setuptools>=77'
-	$(NEWEST)/bin/pip install --quiet --upgrade -e '.[dev]' jax flax optax orbax-checkpoint \
-	  tensorflow-datasets grain
+	$(NEWEST)/bin/pip install --quiet --upgrade -e '.[dev]' 'jax[tpu]' flax optax \
+	  orbax-checkpoint tensorflow-datasets grain
 	@$(NEWEST)/bin/python -c "import sys, jax, flax, optax, orbax.checkpoint as o, \
 	  tensorflow_datasets as t; print('newest stack: Python', sys.version.split()[0], \
 	  'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, \

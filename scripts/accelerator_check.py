@@ -640,10 +640,14 @@ def run_tests(platform: str, flags: list[str], timeout: float) -> dict:
   log(f"tests: {len(TESTS)} device tests on {platform}")
   t = time.perf_counter()
   cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS]
+  env = worker_env(flags)
+  # The test suite runs on the CPU unless told otherwise (tests/conftest.py): here, the
+  # accelerator's devices.
+  env["JAX_PLATFORMS"] = {"gpu": "cuda", "tpu": "tpu"}.get(platform, "cpu")
   with tempfile.TemporaryFile("w+") as f:
     try:
       rc = subprocess.run(
-        cmd, cwd=ROOT, env=worker_env(flags), stdout=f, stderr=subprocess.STDOUT, timeout=timeout
+        cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout
       ).returncode
     except subprocess.TimeoutExpired:
       rc = "timeout"

@@ -5,6 +5,10 @@ import os
 # Must be set before JAX initializes its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The tests simulate devices on the CPU, also where an accelerator's jax plugin or libtpu is
+# installed (libtpu prints start-up errors on a machine without TPUs); the TPU topology tests
+# compile through libtpu all the same. scripts/accelerator_check.sh sets it to the device.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402

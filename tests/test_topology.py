@@ -5,6 +5,7 @@ installs it there) and skip without it; naming and flag checks run everywhere.
 """
 
 import importlib.util
+import os
 import re
 import types
 
@@ -33,6 +34,16 @@ SMALL = [
   "--config.model.stage_strides=(2,)",
   "--config.model.width=8",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+  """libtpu, loaded in this process, sets TPU_* variables (and prepare_libtpu its own); the
+  CLI tests that follow would inherit them and look like TPU workers."""
+  saved = dict(os.environ)
+  yield
+  os.environ.clear()
+  os.environ.update(saved)
 
 
 @pytest.mark.parametrize(
