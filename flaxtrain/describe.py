@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from clu import parameter_overview
 
-from flaxtrain import steps, topology, workdirs
+from flaxtrain import resources, steps, topology, workdirs
 
 TIMED_STEPS = 10
 
@@ -31,8 +31,22 @@ def describe(exp, defaults, config_path: str, timed_steps: int = TIMED_STEPS) ->
       "",
       flops_line(exp, variables),
       time_line(exp, timed_steps),
+      memory_line(exp),
     ]
   )
+
+
+def memory_line(exp) -> str:
+  """Peak memory of this process after the timed steps: the devices' (where the backend
+  reports it) and the host's."""
+  device = resources.peak_device_bytes(exp.par.local_devices)
+  device = (
+    f"{resources.human_bytes(device)} per device (the most any device of this process held)"
+    if device
+    else f"not reported by the {exp.par.devices[0].platform} backend"
+  )
+  host = resources.human_bytes(resources.peak_host_rss_bytes())
+  return f"Memory: peak device {device}; peak host RSS {host} (data, model and the timed steps)."
 
 
 def describe_topology(config, defaults, config_path: str, topology_name: str) -> str:

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import shutil
 import sys
 import types
@@ -57,6 +58,9 @@ def test_describe_reports_changes_sizes_params_and_time(run):
   assert f"Total: {TINY_PARAMS:,}" in text
   assert "FLOPs per example (XLA cost analysis):" in text and "n/a" not in text
   assert "ms per train step" in text and "per epoch" in text
+  # CPU devices report no memory statistics; the host's peak is there and plausible.
+  host = re.search(r"Memory: peak device .+; peak host RSS ([\d.]+) (MiB|GiB)", text)
+  assert host and float(host[1]) * (1 if host[2] == "MiB" else 1024) > 100, text[-500:]
 
 
 def test_eval_reproduces_the_training_summary(run):
