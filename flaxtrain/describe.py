@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from clu import parameter_overview
 
-from flaxtrain import resources, steps, topology, workdirs
+from flaxtrain import resources, steps, workdirs
 
 TIMED_STEPS = 10
 
@@ -51,6 +51,8 @@ def memory_line(exp) -> str:
 
 def describe_topology(config, defaults, config_path: str, topology_name: str) -> str:
   """The report for a TPU slice that is not here; UserError if the step does not fit."""
+  from flaxtrain import topology  # It uses this module's formatting.
+
   analysis = topology.analyze(config, topology.parse(topology_name))
   return "\n".join([config_changes(defaults, config, config_path), "", topology.report(analysis)])
 
@@ -132,8 +134,8 @@ def time_line(exp, timed_steps: int) -> str:
   return (
     f"Time: {step_s * 1e3:.1f} ms per train step, {exp.config.batch_size / step_s:,.0f} "
     f"examples/s ({timed_steps} steps timed after compilation)\n"
-    f"  -> {_duration(step_s * plan.steps_per_epoch)} per epoch, "
-    f"{_duration(step_s * plan.total_steps)} for {plan.total_steps:,} steps "
+    f"  -> {duration(step_s * plan.steps_per_epoch)} per epoch, "
+    f"{duration(step_s * plan.total_steps)} for {plan.total_steps:,} steps "
     "(train steps only: eval and checkpoints come on top)."
   )
 
@@ -147,7 +149,8 @@ def _si(value: float | None) -> str:
   return f"{value:.0f}"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+  """'42.0 s', '3.5 min', '2.1 h'."""
   if seconds < 120:
     return f"{seconds:.1f} s"
   if seconds < 7200:

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import topologies
 
-from flaxtrain import experiment, models, optimizers, parallel, steps, tasks
+from flaxtrain import describe, experiment, models, optimizers, parallel, steps, tasks
 from flaxtrain import metrics as metrics_lib
 from flaxtrain.data import augment, memory, prepare, sources
 from flaxtrain.data.plan import IndexPlan
@@ -280,7 +280,7 @@ def data_spec(config: ml_collections.ConfigDict) -> DataSpec:
   shape = stored if kind == "memory" else sources.transforms(stored, config)[0]
   on_device = None
   if kind == "memory" and num_train:
-    on_device = _on_device(ds.on_device, (num_train + num_eval) * (math.prod(shape) + 4))
+    on_device = memory.on_device(ds.on_device, (num_train + num_eval) * (math.prod(shape) + 4))
   return DataSpec(
     name=ds.name,
     image_shape=shape,
@@ -290,18 +290,6 @@ def data_spec(config: ml_collections.ConfigDict) -> DataSpec:
     source=kind,
     on_device=on_device,
   )
-
-
-def _on_device(mode, nbytes: int) -> bool:
-  """memory.MemorySource's choice, from the bytes of both splits (uint8 images, int32
-  labels) that it would hold."""
-  if mode in (True, "true", "True", "yes"):
-    return True
-  if mode in (False, "false", "False", "no"):
-    return False
-  if mode != "auto":
-    raise UserError(f"dataset.on_device must be 'auto', 'true' or 'false', got {mode!r}.")
-  return nbytes <= memory.ON_DEVICE_LIMIT
 
 
 @dataclasses.dataclass
@@ -670,8 +658,8 @@ def _flops_lines(a: Analysis) -> str:
   ]
   if a.steps_per_epoch:
     lines.append(
-      f"  -> >= {_duration(step_s * a.steps_per_epoch)} per epoch, "
-      f">= {_duration(step_s * a.plan.total_steps)} for {a.plan.total_steps:,} steps "
+      f"  -> >= {describe.duration(step_s * a.steps_per_epoch)} per epoch, "
+      f">= {describe.duration(step_s * a.plan.total_steps)} for {a.plan.total_steps:,} steps "
       "(train steps only, at the roofline: real steps are slower)."
     )
   return "\n".join(lines)
@@ -749,11 +737,3 @@ def _si(value: float | None) -> str:
     if value >= scale:
       return f"{value / scale:.3g} {unit}"
   return f"{value:.0f} "
-
-
-def _duration(seconds: float) -> str:
-  if seconds < 120:
-    return f"{seconds:.1f} s"
-  if seconds < 7200:
-    return f"{seconds / 60:.1f} min"
-  return f"{seconds / 3600:.1f} h"

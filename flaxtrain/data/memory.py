@@ -117,14 +117,7 @@ class MemorySource:
     self.input_wait_s = None  # Batches are gathered when asked for: nothing to wait for.
 
   def _decide_on_device(self, mode) -> bool:
-    if mode in (True, "true", "True", "yes"):
-      return True
-    if mode in (False, "false", "False", "no"):
-      return False
-    if mode != "auto":
-      raise UserError(f"dataset.on_device must be 'auto', 'true' or 'false', got {mode!r}.")
-    size = sum(v.nbytes for s in (self.train, self.eval) for v in s.values())
-    return size <= ON_DEVICE_LIMIT
+    return on_device(mode, sum(v.nbytes for s in (self.train, self.eval) for v in s.values()))
 
   def _table(self, name: str, split: dict):
     if name not in self._tables:
@@ -168,3 +161,15 @@ class MemorySource:
 
   def close(self):
     pass
+
+
+def on_device(mode, nbytes: int) -> bool:
+  """Whether in-memory splits of `nbytes` live on every device: config.dataset.on_device
+  ('auto': up to ON_DEVICE_LIMIT) decides."""
+  if mode in (True, "true", "True", "yes"):
+    return True
+  if mode in (False, "false", "False", "no"):
+    return False
+  if mode != "auto":
+    raise UserError(f"dataset.on_device must be 'auto', 'true' or 'false', got {mode!r}.")
+  return nbytes <= ON_DEVICE_LIMIT
