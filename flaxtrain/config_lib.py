@@ -97,6 +97,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.augment.random_resized_crop = False
   c.augment.crop_area_range = (0.08, 1.0)
   c.augment.crop_aspect_range = (3 / 4, 4 / 3)
+  # RandAugment (big_vision/timm op set): num_ops random ops per image at this magnitude
+  # (0-10 scale, timm's _LEVEL_DENOM; 0 ops: off). Deterministic from (seed, step, example).
+  c.augment.randaugment_num_ops = 0
+  c.augment.randaugment_magnitude = 10.0
+  # Mixup and CutMix with timm's semantics, in the train step: each example is mixed with
+  # a partner with probability mix_prob; when both alphas are > 0, CutMix is used with
+  # probability mix_switch_prob. Label smoothing is applied to the labels before mixing.
+  # Deterministic from (seed, step, example): the same on any device or process count.
+  c.augment.mixup_alpha = 0.0  # Beta(alpha, alpha) mixing weights; 0: off.
+  c.augment.cutmix_alpha = 0.0  # Beta(alpha, alpha) box areas; 0: off.
+  c.augment.mix_prob = 1.0
+  c.augment.mix_switch_prob = 0.5
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "cnn"
@@ -117,6 +129,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 0.0  # Decoupled for adamw; added to the gradient otherwise.
   c.optimizer.weight_decay_mask = "kernels"  # 'kernels' leaves biases and norm scales alone; 'all'.
   c.optimizer.grad_clip_norm = config_dict.placeholder(float)  # Global-norm clipping.
+  # Layer-wise learning-rate decay for fine-tuning: the head gets the full rate, block k
+  # of n gets decay ** (n - k), the embeddings decay ** (n + 1). 1.0: off.
+  c.optimizer.layer_decay = 1.0
+  # Parameters that get no updates: 'none', 'backbone' (all but the head: a linear
+  # probe), or a regular expression matched against 'a/b/c' parameter paths.
+  c.optimizer.freeze = "none"
 
   c.schedule = ml_collections.ConfigDict()
   c.schedule.name = "constant"  # constant | cosine | warmup_cosine | piecewise
@@ -192,12 +210,15 @@ def resnet_model(
   stem="imagenet",
   stage_strides=(),
   remat="none",
+  drop_path=0.0,
 ) -> ml_collections.ConfigDict:
   """resnet18/34/50 (stages fixed by the name) or resnet_small (3x3 stem, stages given).
 
   stage_strides: stride of each stage's first block; () for (1, 2, 2, ...).
   remat: 'none', or 'block': each residual block's activations are recomputed in the
   backward pass instead of kept (less device memory, ~1/3 more compute).
+  drop_path: stochastic depth, the drop rate of the last block's residual branch (rising
+  linearly from 0 at the first block).
   """
   return ml_collections.ConfigDict(
     dict(
@@ -208,6 +229,7 @@ def resnet_model(
       stem=stem,
       stage_strides=stage_strides,
       remat=remat,
+      drop_path=drop_path,
     )
   )
 
@@ -216,6 +238,45 @@ def wide_resnet_model(depth=28, widen=10, dropout=0.0, remat="none") -> ml_colle
   """remat: as for resnet_model."""
   return ml_collections.ConfigDict(
     dict(name="wide_resnet", depth=depth, widen=widen, dropout=dropout, remat=remat)
+  )
+
+
+def vit_model(
+  variant="S/16",
+  pool="gap",
+  posemb="sincos2d",
+  drop_path=0.0,
+  dropout=0.0,
+  width=0,
+  depth=0,
+  heads=0,
+  mlp_dim=0,
+  patch_size=0,
+) -> ml_collections.ConfigDict:
+  """A Vision Transformer (Flax NNX, flaxtrain/models/vit.py).
+
+  variant: 'Ti/16', 'S/16', 'B/16', 'L/16' (or /32): width, depth, heads and MLP size
+  of the ViT paper and timm, and the patch size. width/depth/heads/mlp_dim/patch_size
+  > 0 override the variant's (small ViTs for small images).
+  pool='gap', posemb='sincos2d': big_vision's plain ViT (global-average pool, fixed 2-D
+  sin-cos position embedding, no class token); pool='token', posemb='learn': the
+  classic ViT and timm's (class token, learned position embedding).
+  drop_path: stochastic depth rate of the last block (linear from 0 at the first).
+  """
+  return ml_collections.ConfigDict(
+    dict(
+      name="vit",
+      variant=variant,
+      pool=pool,
+      posemb=posemb,
+      drop_path=drop_path,
+      dropout=dropout,
+      width=width,
+      depth=depth,
+      heads=heads,
+      mlp_dim=mlp_dim,
+      patch_size=patch_size,
+    )
   )
 
 
