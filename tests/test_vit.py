@@ -291,6 +291,9 @@ def test_params_from_timm_maps_every_key_and_matches_timm_forward():
   mapped = params_from_timm(sd, params)
   assert jax.tree.structure(mapped) == jax.tree.structure(params)
   assert jax.tree.map(np.shape, mapped) == jax.tree.map(np.shape, params)
+  # flaxtrain's variables spell block indices as strings; the result follows the tree.
+  as_str = {**params, "blocks": {str(i): b for i, b in params["blocks"].items()}}
+  assert set(params_from_timm(sd, as_str)["blocks"]) == {"0", "1"}
   _load(model, mapped)
   model.eval()
 

@@ -261,12 +261,16 @@ def _our_path(key: str) -> tuple:
   return tuple(int(p) if re.fullmatch(r"\d+", p) else p for p in parts)
 
 
-def _lookup(tree, path: tuple):
+def _resolve(tree, path: tuple) -> tuple[tuple, object]:
+  """`path` spelt as `tree` spells it (block indices int as NNX's or str as flaxtrain's)."""
+  spelt = []
   for part in path:
-    if not isinstance(tree, dict) or part not in tree:
-      return None
+    part = next((p for p in (part, str(part)) if isinstance(tree, dict) and p in tree), None)
+    if part is None:
+      return tuple(spelt), None
+    spelt.append(part)
     tree = tree[part]
-  return tree
+  return tuple(spelt), tree
 
 
 def _timm_shape(leaf: str, shape: tuple) -> tuple:
@@ -282,7 +286,9 @@ def params_from_timm(state_dict: dict, params: dict) -> dict:
   """Maps a timm VisionTransformer state dict onto the pure-dict params of a ViT.
 
   `params` is `nnx.to_pure_dict(nnx.state(model, nnx.Param))` of a ViT built with
-  pool='token', posemb='learn' (the structure is all that is read). Returns a pure dict
+  pool='token', posemb='learn' (only its structure is read; block indices may be ints, as
+  NNX spells them, or strings, as flaxtrain's variables do, and the result spells them
+  the same way). Returns a pure dict
   of float32 numpy arrays holding exactly the state dict's keys, converted: conv weights
   OIHW -> HWIO, Linear weights transposed, LayerNorm weight -> scale. Any key with no
   place in `params`, or whose shape differs, raises a one-sentence UserError naming it;
@@ -296,14 +302,14 @@ def params_from_timm(state_dict: dict, params: dict) -> dict:
     path = _our_path(key)
     leaf = path[-1]
     if leaf == "weight":
-      parent = _lookup(params, path[:-1])
+      _, parent = _resolve(params, path[:-1])
       leaf = "kernel" if isinstance(parent, dict) and "kernel" in parent else "scale"
       path = path[:-1] + (leaf,)
     if leaf == "kernel" and value.ndim == 4:
       value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
     elif leaf == "kernel" and value.ndim == 2:
       value = value.T
-    target = _lookup(params, path)
+    path, target = _resolve(params, path)
     if target is None or isinstance(target, dict):
       raise UserError(
         f"The timm checkpoint key {key!r} has no place in flaxtrain's ViT "
