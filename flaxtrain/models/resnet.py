@@ -10,6 +10,17 @@ in the backward pass instead of kept, for less device memory at ~1/3 more comput
 blocks keep their names (BasicBlock_0, ...), so parameters and checkpoints are the same
 with and without it.
 
+drop_path: stochastic depth (Huang et al. 2016) as timm does it: in training, each
+example's residual branch is dropped with a rate rising linearly from 0 at the first
+block to `drop_path` at the last (kept ones scaled by 1 / (1 - rate)), drawn from the
+'dropout' RNG stream; off at eval.
+
+The ImageNet stem and blocks compute what torchvision's ResNet (v1.5: the stride on the
+bottleneck's 3x3 conv) computes: symmetric padding (3 for the 7x7/2 conv, 1 for the
+3x3/2 max pool and every 3x3 conv, never linen's asymmetric 'SAME'), a 1x1/stride conv +
+BatchNorm shortcut where shapes change, BatchNorm eps 1e-5 and momentum 0.1 in torch's
+convention; so torchvision/timm weights give the same logits (flaxtrain/pretrained.py).
+
 BatchNorm: in training, statistics are computed over the *global* batch (all devices,
 through the data-parallel axis), so results do not depend on the device count and
 the running averages stay identical on every device; eval uses the running averages.
@@ -43,6 +54,21 @@ def _global_average_pool(x):
   return jnp.mean(jax.lax.optimization_barrier(x), axis=(1, 2))
 
 
+def _drop_path(module: nn.Module, y, rate: float, train: bool):
+  """Zeroes the whole residual branch of each example with probability `rate`."""
+  if not train or rate == 0.0:
+    return y
+  keep = 1.0 - rate
+  shape = (y.shape[0],) + (1,) * (y.ndim - 1)
+  kept = jax.random.bernoulli(module.make_rng("dropout"), keep, shape)
+  return jnp.where(kept, y / jnp.asarray(keep, y.dtype), jnp.zeros((), y.dtype))
+
+
+def _rates(drop_path: float, num_blocks: int) -> list[float]:
+  """Stochastic-depth rate of each block: linear from 0 to `drop_path` (timm)."""
+  return [drop_path * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
+
+
 def _residual(x, y, strides, conv, norm):
   """relu(shortcut(x) + y); the shortcut projects x (1x1 conv + norm) when shapes differ."""
   if x.shape != y.shape:
@@ -55,6 +81,7 @@ class BasicBlock(nn.Module):
   filters: int
   strides: int = 1
   dtype: jnp.dtype = jnp.float32
+  drop_path: float = 0.0
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -64,6 +91,7 @@ class BasicBlock(nn.Module):
     y = nn.relu(norm()(y))
     y = conv(self.filters, (3, 3), padding=1)(y)
     y = norm(scale_init=nn.initializers.zeros)(y)  # Each block starts as the identity.
+    y = _drop_path(self, y, self.drop_path, train)
     return _residual(x, y, self.strides, conv, norm)
 
 
@@ -71,6 +99,7 @@ class Bottleneck(nn.Module):
   filters: int
   strides: int = 1
   dtype: jnp.dtype = jnp.float32
+  drop_path: float = 0.0
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -80,6 +109,7 @@ class Bottleneck(nn.Module):
     y = conv(self.filters, (3, 3), (self.strides, self.strides), padding=1)(y)
     y = nn.relu(norm()(y))
     y = norm(scale_init=nn.initializers.zeros)(conv(self.filters * 4, (1, 1))(y))
+    y = _drop_path(self, y, self.drop_path, train)
     return _residual(x, y, self.strides, conv, norm)
 
 
@@ -113,6 +143,7 @@ class ResNet(nn.Module):
   dropout: float = 0.0  # Before the classifier.
   dtype: jnp.dtype = jnp.float32
   remat: str = "none"  # 'block': recompute each block's activations (see module doc).
+  drop_path: float = 0.0  # Stochastic depth of the last block (see module doc).
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -130,10 +161,11 @@ class ResNet(nn.Module):
       x = nn.relu(norm(name="bn_init")(x))
     block = _blocks(BLOCKS[self.block], self.remat)
     stage_strides = self.stage_strides or [1] + [2] * (len(self.stage_sizes) - 1)
+    rates = iter(_rates(self.drop_path, sum(self.stage_sizes)))
     for i, size in enumerate(self.stage_sizes):
       for j in range(size):
         strides = stage_strides[i] if j == 0 else 1
-        x = block(self.width * 2**i, strides, dtype=self.dtype)(x, train)
+        x = block(self.width * 2**i, strides, dtype=self.dtype, drop_path=next(rates))(x, train)
     x = _global_average_pool(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes, dtype=self.dtype)(x)
@@ -146,6 +178,7 @@ class WideBlock(nn.Module):
   strides: int = 1
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  drop_path: float = 0.0
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -156,6 +189,7 @@ class WideBlock(nn.Module):
     y = nn.relu(norm()(y))
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
     y = conv(self.filters, (3, 3), padding=1)(y)
+    y = _drop_path(self, y, self.drop_path, train)
     if x.shape != y.shape:
       x = conv(self.filters, (1, 1), (self.strides, self.strides), name="conv_proj")(a)
     return x + y
@@ -168,16 +202,20 @@ class WideResNet(nn.Module):
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
   remat: str = "none"  # As for ResNet.
+  drop_path: float = 0.0  # As for ResNet.
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     n = (self.depth - 4) // 6
     block = _blocks(WideBlock, self.remat)
+    rates = iter(_rates(self.drop_path, 3 * n))
     x = nn.Conv(16, (3, 3), padding=1, use_bias=False, dtype=self.dtype, name="conv_init")(x)
     for i, width in enumerate((16, 32, 64)):
       for j in range(n):
         strides = 2 if i > 0 and j == 0 else 1
-        x = block(width * self.widen, strides, self.dropout, dtype=self.dtype)(x, train)
+        x = block(
+          width * self.widen, strides, self.dropout, dtype=self.dtype, drop_path=next(rates)
+        )(x, train)
     x = nn.relu(_norm(train, self.dtype)()(x))
     x = _global_average_pool(x)
     return nn.Dense(self.num_classes, dtype=self.dtype)(x)
