@@ -192,6 +192,10 @@ class Experiment:
       config.schedule,
       steps_per_epoch=self.plan.steps_per_epoch,
       total_steps=self.plan.total_steps,
+      # Shapes only, traced only for optimizer.layer_decay/freeze (they read the paths).
+      params=lambda: jax.eval_shape(
+        self.model.init, {"params": jax.random.key(0)}, np.zeros((1, *self.spec.image_shape))
+      )["params"],
     )
     self.train_metrics = metrics_lib.train_metrics(self.task.metric_names)
     self.eval_metrics = metrics_lib.eval_metrics(self.task.metric_names)
