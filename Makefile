@@ -58,7 +58,9 @@ format: venv
 	$(BIN)/ruff format flaxtrain tests configs scripts
 	$(BIN)/ruff check --fix flaxtrain tests configs scripts
 
-bench: venv
+# Full CLI runs (2 epochs; ARGS=--full: 10) against PyTorch eager and the Flax tutorial loop;
+# ARGS=--overhead: the loop's own cost; ARGS=--window: the 400-step diagnostic.
+bench: data
 	$(BIN)/python scripts/benchmark.py --config=$(CONFIG) $(ARGS)
 
 clean:

@@ -1,12 +1,19 @@
-"""Benchmarks flaxtrain's real training path against the Flax tutorial loop (and PyTorch).
+"""Benchmarks flaxtrain as users run it, against peers; and the loop's own cost.
 
-    make bench              # .venv/bin/python scripts/benchmark.py --config=configs/fashion_cnn.py
-    make bench ARGS="--batch_sizes=32,128 --steps=400 --rounds=3"
-    make bench ARGS=--full  # also the whole 10-epoch run, next to the tutorial's
-    make bench ARGS=--input # input pipeline only (scripts/input_benchmark.py)
+    make bench                      # full runs, 2 epochs: flaxtrain CLI vs PyTorch eager
+                                    # and the Flax tutorial loop (scripts/bench_full.py)
+    make bench ARGS=--full          # the same, 10 epochs
+    make bench ARGS=--overhead      # the loop's own cost on tiny models against the
+                                    # leanest jitted loop (scripts/bench_overhead.py)
+    make bench ARGS=--window        # diagnostic: a 400-step window early in training
+    make bench ARGS=--input         # input pipeline only (scripts/input_benchmark.py)
 
-For every batch size and round, in this order, each in a fresh subprocess (so XLA_FLAGS and
-device counts are clean):
+The full-run and overhead modes print markdown tables (and --json_out writes the JSON);
+`--rounds` (default 1, for speed: figures on a shared machine are noisy) interleaves the
+contenders. `--smoke` makes every full-run "epoch" --smoke_steps steps (tests).
+
+--window, the diagnostic (JSON on stdout): for every batch size and round, in this order,
+each in a fresh subprocess (so XLA_FLAGS and device counts are clean):
 
   A  flaxtrain: the `flaxtrain` CLI itself (`flaxtrain.main.run()`, every flag and device
      default as a user gets them) with --config.batch_size=B and num_train_steps /
@@ -19,9 +26,12 @@ device counts are clean):
   C  PyTorch eager, same model/optimizer/batch, torch.set_num_threads(2) (if torch imports).
 
 Each measures steady state: `warmup` steps (compilation included) are run and discarded,
-then `steps` steps are timed, input included. Results are medians over rounds; ratios are
-flaxtrain / tutorial and flaxtrain / max(tutorial, torch) at the same batch. The JSON goes
-to stdout (and --json_out); progress goes to stderr.
+then `steps` steps are timed, input included. It leaves out what a real run carries
+(per-epoch eval, permutation, checkpoint and TensorBoard writer threads) and catches
+PyTorch in its first few hundred steps: use the full-run mode for comparisons. Results are
+medians over rounds (default 3 here); ratios are flaxtrain / tutorial and flaxtrain /
+max(tutorial, torch) at the same batch. With --window --full, also the whole config
+through the CLI next to the tutorial's 10 epochs.
 
 FLOP utilization: XLA's cost analysis of a jitted forward+backward of the model at the
 per-device batch (x devices) per step, over the device's peak; on CPU over the float32
@@ -608,6 +618,10 @@ def run_worker_main(kind: str, spec_json: str):
   spec = json.loads(spec_json)
   if kind.startswith("input_"):  # --input's workers (scripts/input_benchmark.py).
     result = _input_benchmark().WORKERS[kind](spec)
+  elif kind.startswith("full_"):
+    result = _sibling("bench_full").WORKERS[kind](spec)
+  elif kind.startswith("overhead_"):
+    result = _sibling("bench_overhead").WORKERS[kind](spec)
   else:
     result = WORKERS[kind](spec)
   with open(spec["out"], "w") as f:
@@ -616,12 +630,17 @@ def run_worker_main(kind: str, spec_json: str):
 
 def _input_benchmark():
   """scripts/input_benchmark.py: the --input mode (input pipeline only)."""
+  return _sibling("input_benchmark")
+
+
+def _sibling(name: str):
+  """A module of scripts/ (bench_full, bench_overhead, input_benchmark)."""
+  import importlib
+
   here = os.path.dirname(os.path.abspath(__file__))
   if here not in sys.path:
     sys.path.insert(0, here)
-  import input_benchmark
-
-  return input_benchmark
+  return importlib.import_module(name)
 
 
 # ---------------------------------------------------------------- orchestration
@@ -953,20 +972,49 @@ def parse_args(argv):
   )
   p.add_argument("--config", default=DEFAULT_CONFIG, help="flaxtrain config file")
   p.add_argument("--batch_sizes", default="32,128", help="comma-separated global batch sizes")
-  p.add_argument("--steps", type=int, default=400, help="steady-state steps per measurement")
+  p.add_argument(
+    "--rounds",
+    type=int,
+    default=None,
+    help="interleaved rounds per measurement (default 1; 3 with --window)",
+  )
+  p.add_argument(
+    "--epochs", type=int, default=None, help="full runs: epochs (default 2, 10 with --full)"
+  )
+  p.add_argument(
+    "--smoke",
+    action="store_true",
+    help="full runs: every epoch is --smoke_steps steps (a quick check of the script)",
+  )
+  p.add_argument("--smoke_steps", type=int, default=5, help=argparse.SUPPRESS)
+  p.add_argument(
+    "--window",
+    action="store_true",
+    help="diagnostic: the old 400-step window (--steps, --warmup), JSON on stdout",
+  )
+  p.add_argument(
+    "--overhead",
+    action="store_true",
+    help="the loop's own cost: tiny models, flaxtrain vs the leanest jitted loop",
+  )
+  p.add_argument("--overhead_steps", type=int, default=5000, help="--overhead: steps per run")
+  p.add_argument("--overhead_batch", type=int, default=32, help="--overhead: batch size")
+  p.add_argument(
+    "--overhead_models", default="mlp,logreg", help="--overhead: comma-separated, of mlp,logreg"
+  )
+  p.add_argument("--steps", type=int, default=400, help="--window: steady-state steps")
   p.add_argument(
     "--warmup",
     type=int,
     default=50,
-    help="steps run and discarded before timing (compilation included)",
+    help="--window: steps run and discarded before timing (compilation included)",
   )
-  p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per batch size")
   p.add_argument("--skip_torch", action="store_true", help="do not run PyTorch eager")
-  p.add_argument("--skip_tutorial", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--skip_tutorial", action="store_true", help="do not run the tutorial loop")
   p.add_argument(
     "--full",
     action="store_true",
-    help="also run the whole config through the flaxtrain CLI and the tutorial loop's 10 epochs",
+    help="full runs of 10 epochs (--window --full: also the whole config through the CLI)",
   )
   p.add_argument(
     "--full_tutorial",
@@ -997,8 +1045,17 @@ def parse_args(argv):
   if bad:
     p.error(f"unknown arguments {bad} (only --config.* overrides pass through to flaxtrain)")
   args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+  args.overhead_models = [m for m in args.overhead_models.split(",") if m.strip()]
+  if args.rounds is None:
+    args.rounds = 3 if args.window else 1
+  if args.window and args.overhead:
+    p.error("choose one of --window and --overhead")
   if args.steps < 2 or args.warmup < 1 or args.rounds < 1 or not args.batch_sizes:
     p.error("need --steps >= 2, --warmup >= 1, --rounds >= 1 and at least one batch size")
+  if args.epochs is not None and args.epochs < 1 or args.smoke_steps < 1:
+    p.error("need --epochs >= 1 and --smoke_steps >= 1")
+  if args.overhead_steps < 50 or set(args.overhead_models) - {"mlp", "logreg"}:
+    p.error("need --overhead_steps >= 50 and --overhead_models among mlp,logreg")
   args.data_dir = args.data_dir or passthrough_value(rest, "dataset.data_dir")
   return args, rest
 
@@ -1016,6 +1073,17 @@ def main(argv):
   if "--input" in argv:  # Input pipeline only: its own flags (scripts/input_benchmark.py).
     return _input_benchmark().main([a for a in argv if a != "--input"])
   args, passthrough = parse_args(argv)
+  if args.overhead:
+    if passthrough:
+      raise SystemExit("benchmark: --overhead takes no --config.* overrides")
+    return _sibling("bench_overhead").main(args)
+  if not args.window:
+    return _sibling("bench_full").main(args, passthrough)
+  return main_window(args, passthrough)
+
+
+def main_window(args, passthrough):
+  """--window: the 400-step diagnostic; the JSON report on stdout."""
   use_torch = not args.skip_torch and torch_importable()
   if not args.skip_torch and not use_torch:
     log("torch is not importable: skipping PyTorch eager")

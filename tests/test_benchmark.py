@@ -26,7 +26,7 @@ def positive(value):
   return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
-def test_tiny_benchmark_reports_every_field(real_data_dir, tmp_path):
+def test_tiny_window_benchmark_reports_every_field(real_data_dir, tmp_path):
   out = tmp_path / "bench.json"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # conftest's 4 devices.
   env["TFDS_DATA_DIR"] = real_data_dir
@@ -34,6 +34,7 @@ def test_tiny_benchmark_reports_every_field(real_data_dir, tmp_path):
     sys.executable,
     str(SCRIPT),
     "--config=configs/fashion_cnn.py",
+    "--window",
     "--batch_sizes=32",
     "--steps=4",
     "--warmup=2",
@@ -199,3 +200,202 @@ def test_unknown_flags_are_refused():
     [sys.executable, str(SCRIPT), "--bogus=1"], cwd=ROOT, capture_output=True, text=True, timeout=60
   )
   assert r.returncode != 0 and "--bogus=1" in r.stderr
+
+
+# ------------------------------------------------------------ full runs and loop overhead
+
+
+def sibling(name: str):
+  """scripts/bench_full.py or bench_overhead.py (they import scripts/benchmark.py)."""
+  scripts = str(ROOT / "scripts")
+  if scripts not in sys.path:
+    sys.path.insert(0, scripts)
+  import importlib
+
+  return importlib.import_module(name)
+
+
+FLAXTRAIN_LOG = """\
+---- flaxtrain 2026-12-02T11:00:00+00:00: flaxtrain --config=configs/fashion_cnn.py
+I1202 11:00:01.000000 1 loop.py:226] Step 468: eval loss 0.4, accuracy 0.86 (10000 examples).
+---- flaxtrain 2026-12-02T11:32:09+00:00: flaxtrain --config=configs/fashion_cnn.py
+I1202 11:32:12.069544 1 local.py:41] Setting work unit notes: 22.3 steps/s, 16.7% (5/30)
+I1202 11:32:13.947971 1 loop.py:226] Step 468: eval loss 2.1896, accuracy 0.3605 (10000 \
+examples); checkpoint saved.
+I1202 11:32:15.115726 1 loop.py:230] Step 900: checkpoint saved.
+I1202 11:32:25.500000 1 loop.py:226] Step 936: eval loss 1.8480, accuracy 0.5422 (10000 \
+examples); checkpoint saved.
+I1202 11:32:25.600000 1 local.py:41] Setting work unit notes: 40.1 steps/s, 100.0% (936/936), \
+ETA: 0m (0m : 13.7% checkpoint, 39.6% eval)
+"""
+
+
+def test_per_epoch_times_come_from_the_last_run_in_the_log():
+  full = sibling("bench_full")
+  evals = full.parse_eval_times(FLAXTRAIN_LOG)
+  assert [s for s, _ in evals] == [468, 936]  # The earlier run's line and the save-only not.
+  assert evals[1][1] - evals[0][1] == pytest.approx(11.552029, abs=1e-5)
+  start = evals[0][1] - 20.0
+  walls = full.epoch_walls(start, [t for _, t in evals])
+  assert walls == pytest.approx([20.0, 11.552029], abs=1e-5)
+  assert full.rate_after_first(walls, 468 * 128) == pytest.approx(468 * 128 / 11.552029)
+  assert full.rate_after_first(walls[:1], 100) is None
+
+
+def test_flaxtrain_result_reads_the_workdir(tmp_path):
+  full = sibling("bench_full")
+  (tmp_path / "flaxtrain.log").write_text(FLAXTRAIN_LOG)
+  summary = {"step": 936, "eval_accuracy": 0.5422, "train_examples_per_sec": 4000.0}
+  (tmp_path / "summary.json").write_text(json.dumps({**summary, "devices": 2}))
+  t468 = full.parse_eval_times(FLAXTRAIN_LOG)[0][1]
+  r = full.flaxtrain_result(str(tmp_path), t468 - 30.0, t468 + 15.0, 468, 128)
+  assert r["epoch_times_source"] == "flaxtrain.log eval-line timestamps"
+  assert r["epoch_wall_s"] == pytest.approx([30.0, 11.552029], abs=1e-5)
+  assert r["examples_per_sec"] == pytest.approx(468 * 128 / 11.552029)
+  assert r["wall_to_final_eval_s"] == pytest.approx(41.552029, abs=1e-5)
+  assert r["process_wall_s"] == pytest.approx(45.0)
+  assert r["train_examples_per_sec"] == 4000.0 and r["eval_accuracy"] == 0.5422
+  assert r["eval_share"] == pytest.approx(0.396) and r["checkpoint_share"] == pytest.approx(0.137)
+  # A loop that records its epochs in summary.json wins over the log.
+  (tmp_path / "summary.json").write_text(json.dumps({**summary, "epoch_wall_s": [9.0, 8.0]}))
+  r = full.flaxtrain_result(str(tmp_path), t468 - 30.0, t468 + 15.0, 468, 128)
+  assert r["epoch_wall_s"] == [9.0, 8.0] and r["epoch_times_source"] == "summary.json epoch_wall_s"
+
+
+def test_full_table_has_a_row_per_contender_and_ratios_to_the_fastest_peer():
+  full = sibling("bench_full")
+  entry = {
+    "flaxtrain": {
+      "epoch_wall_s": [20.0, 10.0],
+      "examples_per_sec": 6000.0,
+      "train_examples_per_sec": 6500.0,
+      "wall_to_final_eval_s": 30.0,
+      "eval_accuracy": 0.9,
+    },
+    "torch": {
+      "epoch_wall_s": [15.0, 12.0],
+      "examples_per_sec": 5000.0,
+      "train_examples_per_sec": 5200.0,
+      "wall_to_final_eval_s": 27.0,
+      "eval_accuracy": 0.91,
+    },
+    "tutorial": {"error": "exit 1"},
+  }
+  entry["ratios"] = r = full.ratios(entry)
+  assert r["throughput"] == pytest.approx(1.2) and r["throughput_peer"] == "torch"
+  assert r["train_only"] == pytest.approx(1.25) and r["wall"] == pytest.approx(30 / 27)
+  text = full.table({"128": entry})
+  lines = text.splitlines()
+  assert lines[0].startswith("| batch | contender | epoch walls (s) | ex/s, epochs 2..N |")
+  assert len(lines) == 5 and all(ln.count("|") == 9 for ln in lines)
+  assert (
+    "| 128 | flaxtrain | 20.0, 10.0 | 6,000 | 6,500 | 30.0 | 90.00% | ex/s 1.20x (torch)" in text
+  )
+  assert "| 128 | tutorial | failed: exit 1 |" in text
+
+
+def _tiny_npz(path):
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  np.savez(
+    path,
+    train_image=rng.integers(0, 255, (96, 28, 28, 1), dtype=np.uint8),
+    train_label=rng.integers(0, 10, 96).astype(np.int32),
+    test_image=rng.integers(0, 255, (40, 28, 28, 1), dtype=np.uint8),
+    test_label=rng.integers(0, 10, 40).astype(np.int32),
+  )
+  return str(path)
+
+
+def _check_peer(r, epochs):
+  assert len(r["epoch_wall_s"]) == epochs == len(r["epoch_train_s"])
+  assert all(positive(w) for w in r["epoch_wall_s"])
+  assert positive(r["examples_per_sec"]) and positive(r["train_examples_per_sec"])
+  assert r["wall_to_final_eval_s"] == pytest.approx(sum(r["epoch_wall_s"]))
+  assert 0 <= r["eval_accuracy"] <= 1
+
+
+def test_peer_workers_time_every_epoch(tmp_path, monkeypatch):
+  """The tutorial and torch peers in-process on a tiny random split: 3 epochs of 2 steps."""
+  full = sibling("bench_full")
+  bench = sibling("benchmark")
+  monkeypatch.setenv(bench.SPAWN_ENV, repr(__import__("time").time()))
+  spec = {"npz": _tiny_npz(tmp_path / "d.npz"), "batch_size": 16, "epochs": 3, "epoch_steps": 2}
+  _check_peer(full.worker_tutorial(spec), 3)
+  pytest.importorskip("torch")
+  recipe = full.recipe_of("configs/fashion_cnn.py")
+  assert recipe["optimizer"] == "adamw" and recipe["schedule"] == "warmup_cosine"
+  r = full.worker_torch({**spec, "recipe": recipe, "eval_batch_size": 16})
+  _check_peer(r, 3)
+  assert r["threads"] >= 1
+
+
+def test_torch_schedule_is_optax_warmup_cosine():
+  import optax
+
+  full = sibling("bench_full")
+  recipe = {"schedule": "warmup_cosine", "warmup_epochs": 0.5, "end_factor": 0.0}
+  factor = full._torch_schedule(recipe, 100, 400)
+  ref = optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps=50, decay_steps=400)
+  for step in (0, 1, 25, 49, 50, 51, 200, 399, 400):
+    assert factor(step) == pytest.approx(float(ref(step)), abs=1e-6), step
+
+
+def test_overhead_bare_loop_and_table(tmp_path, monkeypatch):
+  ov = sibling("bench_overhead")
+  bench = sibling("benchmark")
+  monkeypatch.setenv(bench.SPAWN_ENV, "0")
+  spec = {"config": ov.CONFIG, "batch_size": 8, "steps": 60, "npz": _tiny_npz(tmp_path / "d.npz")}
+  for model in ("mlp", "logreg"):
+    for d in (1, 25):
+      r = ov.worker_bare({**spec, "model": model, "steps_per_dispatch": d})
+      assert positive(r["steps_per_sec"]) and r["timed_steps"] == (60 // d - 1) * d
+      assert r["final_loss"] == r["final_loss"]  # Finite, not NaN.
+      assert r["default_steps_per_dispatch"] in (1, 25)
+  results = {
+    "mlp": {
+      1: {
+        "flaxtrain": {"steps_per_sec": 400.0},
+        "bare": {"steps_per_sec": 1000.0},
+        "default": True,
+      },
+      25: {"flaxtrain": {"steps_per_sec": 900.0}, "bare": {"steps_per_sec": 1000.0}},
+    },
+    "logreg": {1: {"flaxtrain": {"error": "exit 1"}, "bare": {"steps_per_sec": 5000.0}}},
+  }
+  text = ov.table(results)
+  assert "| mlp | 1 (default) | 400 | 1,000 | 0.40 |" in text
+  assert "| mlp | 25 | 900 | 1,000 | 0.90 |" in text
+  assert "| logreg | 1 | - | 5,000 | - |" in text
+
+
+def test_full_run_smoke_parses_a_real_cli_run(real_data_dir, tmp_path):
+  """`--smoke`: the real CLI for 2 "epochs" of 2 steps; its log gives the epoch times."""
+  out = tmp_path / "full.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["TFDS_DATA_DIR"] = real_data_dir
+  cmd = [
+    sys.executable,
+    str(SCRIPT),
+    "--smoke",
+    "--smoke_steps=2",
+    "--batch_sizes=128",
+    "--skip_torch",
+    "--skip_tutorial",
+    "--quiet_wait=0",
+    f"--json_out={out}",
+  ]
+  r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-4000:]
+  report = json.loads(out.read_text())
+  assert report["settings"]["epochs"] == 2 and report["settings"]["rounds"] == 1
+  f = report["results"]["128"]["flaxtrain"]
+  assert "error" not in f, f
+  assert f["epoch_times_source"] == "flaxtrain.log eval-line timestamps"
+  assert len(f["epoch_wall_s"]) == 2 and all(positive(w) for w in f["epoch_wall_s"])
+  assert positive(f["examples_per_sec"]) and positive(f["train_examples_per_sec"])
+  assert f["wall_to_final_eval_s"] < f["process_wall_s"]
+  assert f["step"] == 4 and 0 <= f["eval_accuracy"] <= 1
+  assert "| 128 | flaxtrain |" in r.stdout and "| batch | contender |" in r.stdout
+  assert "1 round(s)" in r.stdout
