@@ -48,7 +48,7 @@ class Run:
   step: int
   config: ml_collections.ConfigDict
   spec: prepare.DatasetSpec  # Image shape, class count and names of the run's dataset.
-  model: Any  # A flax.linen.Module: `model.apply(variables, x, train=False)`.
+  model: Any  # A linen or NNX model behind models/adapters.py: `model.apply(variables, x)`.
   variables: dict  # {"params": ..., **model_state}; the EMA params when the run kept one.
   task: tasks.Task
   summary: dict | None  # The run's summary.json, if it finished.

@@ -58,6 +58,14 @@ REGISTRY_COUNTS = {
   "resnet50": ({}, 1000, (224, 224, 3), 25_557_032),
   "resnet_small": ({"stage_sizes": (2, 2, 2, 2), "width": 64}, 10, (32, 32, 3), 11_173_962),
   "wide_resnet": ({"depth": 28, "widen": 10}, 10, (32, 32, 3), 36_479_194),
+  # timm's vit_small_patch16_224 has 22,050,664; the plain ViT has no class token
+  # (384) and no learned position embedding (197 x 384): tests/test_vit.py pins both.
+  "vit": (
+    {"variant": "S/16", "pool": "gap", "posemb": "sincos2d"},
+    1000,
+    (224, 224, 3),
+    21_974_632,
+  ),
   "autoencoder": (
     {"encoder": (256, 128), "latent": 32, "decoder": (128, 256)},
     10,

@@ -1,10 +1,12 @@
-"""Model registry: `config.model.name` -> a linen Module built from `config.model`.
+"""Model registry: `config.model.name` -> a model built from `config.model`.
 
-Every model is called as `model.apply(variables, images, train=..., rngs=...,
-mutable=...)` on float images in [0, 1] (NHWC) and returns logits (or, for
-reconstruction tasks, pixel logits shaped like the images). Non-param collections
-(e.g. `batch_stats`) live in `TrainState.model_state`; values sown into 'losses' are
-added to the training loss.
+A model is a linen or an NNX module behind one interface (models/adapters.py): it is
+called as `model.apply(variables, images, train=..., rngs=..., mutable=...)` on float
+images (NHWC) and returns logits (or, for reconstruction tasks, pixel logits shaped
+like the images). Non-param collections (e.g. `batch_stats`) live in
+`TrainState.model_state`; values a linen model sows into 'losses' are added to the
+training loss. `model.name` is a name below or your own class,
+`path/to/my_model.py:MyNet` (models/user.py).
 """
 
 from collections.abc import Callable
@@ -15,7 +17,7 @@ import ml_collections
 
 from flaxtrain import registry
 from flaxtrain.errors import UserError
-from flaxtrain.models import autoencoder, resnet, simple
+from flaxtrain.models import adapters, autoencoder, resnet, simple, user, vit
 
 
 def _cnn(cfg, num_classes, dtype, image_shape):
@@ -58,6 +60,7 @@ def _resnet(stage_sizes, block, stem):
       dropout=cfg.get("dropout", 0.0),
       dtype=dtype,
       remat=_remat(cfg),
+      drop_path=cfg.get("drop_path", 0.0),
     )
 
   return make
@@ -76,6 +79,7 @@ def _resnet_small(cfg, num_classes, dtype, image_shape):
     dropout=cfg.get("dropout", 0.0),
     dtype=dtype,
     remat=_remat(cfg),
+    drop_path=cfg.get("drop_path", 0.0),
   )
 
 
@@ -91,6 +95,7 @@ def _wrn(cfg, num_classes, dtype, image_shape):
     dropout=cfg.get("dropout", 0.0),
     dtype=dtype,
     remat=_remat(cfg),
+    drop_path=cfg.get("drop_path", 0.0),
   )
 
 
@@ -105,7 +110,14 @@ def _autoencoder(cfg, num_classes, dtype, image_shape):
   )
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
+def _vit(cfg, num_classes, dtype, image_shape):
+  kwargs = {k: v for k, v in cfg.items() if k != "name"}
+  return adapters.NNXModel(
+    vit.ViT, dict(num_classes=num_classes, image_shape=tuple(image_shape), dtype=dtype, **kwargs)
+  )
+
+
+MODELS: dict[str, Callable[..., nn.Module | adapters.NNXModel]] = {
   "cnn": _cnn,
   "mlp": _mlp,
   "resnet18": _resnet((2, 2, 2, 2), "basic", "imagenet"),
@@ -114,14 +126,18 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
   "resnet_small": _resnet_small,
   "wide_resnet": _wrn,
   "autoencoder": _autoencoder,
+  "vit": _vit,
 }
 
 
 def get(
   cfg: ml_collections.ConfigDict, num_classes: int, dtype=jnp.float32, image_shape=(28, 28, 1)
-) -> nn.Module:
+) -> adapters.LinenModel | adapters.NNXModel:
+  if user.is_user_model(cfg.name):
+    return user.get(cfg, num_classes, dtype, image_shape)
   factory = registry.lookup(MODELS, cfg.name, "model", "model.name")
   try:
-    return factory(cfg, num_classes, dtype, image_shape)
+    model = factory(cfg, num_classes, dtype, image_shape)
   except (AttributeError, KeyError) as e:
     raise registry.missing_field("model", cfg.name, e) from e
+  return model if isinstance(model, adapters.NNXModel) else adapters.LinenModel(model)
