@@ -284,6 +284,21 @@ class Checkpointer:
 # ------------------------------------------------------------------ init_from
 
 
+def load_init(path: str, target_params, target_model_state: dict, model_name: str):
+  """(params, model_state) for `--config.init_from`: from a torchvision/timm weights file
+  (flaxtrain/pretrained.py) or another flaxtrain run's checkpoint (`load_params`, plus its
+  model state such as BatchNorm statistics where the model has any)."""
+  from flaxtrain import pretrained
+
+  if pretrained.is_weights_file(path):
+    return pretrained.load(path, target_params, target_model_state, model_name)
+  tree = {"params": target_params}
+  if jax.tree.leaves(target_model_state):
+    tree["model_state"] = target_model_state
+  restored = _load_for_init(path, tree)
+  return restored["params"], restored.get("model_state", target_model_state)
+
+
 def load_params(path: str, target_params):
   """Reads only the `params` of another run's checkpoint, for `--config.init_from`.
 
@@ -293,6 +308,12 @@ def load_params(path: str, target_params):
   The params are checked against `target_params` (a UserError names the first entry that
   differs) and returned with `target_params`' shardings.
   """
+  return _load_for_init(path, {"params": target_params})["params"]
+
+
+def _load_for_init(path: str, target: dict) -> dict:
+  """The entries of `target` (a part of the train state) read from the checkpoint at
+  `path`, as `load_params` describes."""
   root = epath.Path(_abspath(path))
   if not root.exists():
     raise UserError(
@@ -312,7 +333,7 @@ def load_params(path: str, target_params):
         f"init_from {path} holds no complete checkpoint: pass a flaxtrain "
         "workdir or one of its checkpoints/<step> directories."
       )
-    tree = {"params": flax.serialization.to_state_dict(target_params)}
+    tree = {k: flax.serialization.to_state_dict(v) for k, v in target.items()}
     restored, step, failed = _read_newest(
       manager,
       str(directory),
@@ -332,7 +353,7 @@ def load_params(path: str, target_params):
       + ": pass another checkpoint in init_from."
     )
   logging.info("Initialized the params from the checkpoint at step %d in %s.", step, directory)
-  return flax.serialization.from_state_dict(target_params, restored["params"])
+  return {k: flax.serialization.from_state_dict(v, restored[k]) for k, v in target.items()}
 
 
 def _step_of(step_dir: epath.Path, path: str) -> int:

@@ -125,9 +125,13 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
     console.event("Resumed from the checkpoint at step %d.", start_step)
   else:
     if config.init_from:  # Only for a new run: resuming continues the run's own state.
-      params = checkpointing.load_params(config.init_from, state.params)
+      # Another run's checkpoint or a torchvision/timm weights file; BatchNorm statistics
+      # come with the params.
+      params, model_state = checkpointing.load_init(
+        config.init_from, state.params, state.model_state, config.model.name
+      )
       opt_init = jax.jit(exp.tx.init, out_shardings=par.sharding(parallel.REPLICATED))
-      state = state.replace(params=params, opt_state=opt_init(params))
+      state = state.replace(params=params, model_state=model_state, opt_state=opt_init(params))
       if jax.tree.leaves(state.ema_params):
         state = state.replace(ema_params=params)
       logging.info("Initialized the params from %s.", config.init_from)
