@@ -17,7 +17,7 @@ Models (batch 32 unless --overhead_batch): `mlp`, configs/fashion_mlp.py (flatte
              check, ReportProgress, logging every log_every_steps through the TensorBoard
              writer thread, the per-epoch permutation). The CLI rather than the Python API,
              because it is what users run; both call the same `loop.train_and_evaluate`.
-  bare       the leanest correct jitted loop with the same model (`flaxtrain.models.get`),
+  bare       the leanest correct jitted loop with the same model (flaxtrain's linen `MLP`),
              optimizer and schedule (`flaxtrain.optimizers.make`) and data order (the same
              per-epoch permutations): the uint8 split and every step's indices resident
              on the device, the state donated, D steps per call in a `lax.fori_loop`, no
@@ -49,8 +49,9 @@ def worker_bare(spec: dict) -> dict:
   import numpy as np
   import optax
 
-  from flaxtrain import config_files, experiment, models, optimizers
+  from flaxtrain import config_files, experiment, optimizers
   from flaxtrain.data import plan as plan_lib
+  from flaxtrain.models import simple
 
   config = config_files.load(os.path.join(bench.ROOT, spec["config"]))
   if spec["model"] == "logreg":
@@ -67,7 +68,7 @@ def worker_bare(spec: dict) -> dict:
   )
   total = total // dispatch * dispatch
   idx = plan.train_indices(0, total, total)  # [steps, batch]: flaxtrain's data order.
-  model = models.get(config.model, 10)
+  model = simple.MLP(10, hidden=tuple(config.model.hidden))  # The linen module itself.
   tx, _ = optimizers.make(
     config.optimizer, config.schedule, steps_per_epoch=plan.steps_per_epoch, total_steps=total
   )
