@@ -98,7 +98,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.augment.crop_area_range = (0.08, 1.0)
   c.augment.crop_aspect_range = (3 / 4, 4 / 3)
   # RandAugment (big_vision/timm op set): num_ops random ops per image at this magnitude
-  # (0-10 scale, timm's _LEVEL_DENOM; 0 ops: off). Deterministic from (seed, step, example).
+  # (0-30; 10 is timm's full scale, _LEVEL_DENOM; 0 ops: off). From (seed, step, example).
   c.augment.randaugment_num_ops = 0
   c.augment.randaugment_magnitude = 10.0
   # Mixup and CutMix with timm's semantics, in the train step: each example is mixed with
