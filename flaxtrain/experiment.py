@@ -14,7 +14,7 @@ import numpy as np
 
 from flaxtrain import checkpointing, models, optimizers, parallel, steps, tasks
 from flaxtrain import metrics as metrics_lib
-from flaxtrain.data import sources
+from flaxtrain.data import mix, sources
 from flaxtrain.errors import UserError
 from flaxtrain.steps import DTYPES, TrainState
 
@@ -106,7 +106,8 @@ def validate(config: ml_collections.ConfigDict, par: parallel.DataParallel):
   _validate_profile(config, par)
   sources.validate(config)
   models.get(config.model, num_classes=2)  # Unknown names fail here, before any data.
-  tasks.get(config.task, num_classes=2)
+  task = tasks.get(config.task, num_classes=2)
+  mix.validate(config.augment, config.task.name, task.kind, per_device, par.num_devices)
   optimizers.validate(config.optimizer, config.schedule)
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from flaxtrain import parallel
-from flaxtrain.data import augment
+from flaxtrain.data import augment, mix
 from flaxtrain.data import plan as plan_lib
 from flaxtrain.errors import UserError
 
@@ -83,6 +83,7 @@ def make_train_chunk(
   base_key = jax.random.key(config.seed)
   accum = config.grad_accum_steps
   aug_cfg = config.augment
+  mixing = mix.enabled(aug_cfg)
   ema_decay = config.ema_decay
   norm = normalization(config)
 
@@ -172,14 +173,25 @@ def make_train_chunk(
     )
 
   def train_step(state, batch):
-    # Random draws are pure functions of (seed, step) and the example's (for augmentation)
-    # or the device's (for dropout) position, so resumed runs repeat them exactly.
+    # Random draws are pure functions of (seed, step) and the example's (for augmentation
+    # and mixing) or the device's (for dropout) position, so resumed runs repeat them exactly.
     step_key = jax.random.fold_in(base_key, state.step)
     device = parallel.device_index()
     local_batch = batch["label"].shape[0]
     # Augmented in [0, 1] (zero padding is black, erasing noise uniform), then normalised.
     x = preprocess(batch["image"], jnp.float32)
     x = augment.apply(x, jax.random.fold_in(step_key, 1), device * local_batch, aug_cfg)
+    if mixing:  # Before normalising, which commutes with mixing; pairs stay on the device.
+      x, target, label = mix.apply(
+        x,
+        batch["label"],
+        jax.random.fold_in(step_key, 3),
+        device * local_batch,
+        aug_cfg,
+        task.num_classes,
+        config.task.label_smoothing,
+      )
+      batch = {**batch, "target": target, "label": label}
     x = normalize(x, norm).astype(dtype)
     dropout_key = jax.random.fold_in(step_key, 2)
     if shards:

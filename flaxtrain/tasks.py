@@ -27,10 +27,15 @@ class Task:
   metric_names: tuple[str, ...]
   best_metric: str  # The eval metric that picks the best checkpoint ...
   best_mode: str  # ... and whether higher ('max') or lower ('min') is better.
+  num_classes: int = 0  # Classification: the width of the soft targets Mixup/CutMix build.
 
 
 def classification(cfg, num_classes: int) -> Task:
-  """Softmax cross-entropy (optionally label-smoothed); accuracy, and top-5 above 5 classes."""
+  """Softmax cross-entropy (optionally label-smoothed); accuracy, and top-5 above 5 classes.
+
+  A batch may carry soft targets, 'target' [B, classes], already label-smoothed (Mixup and
+  CutMix build them, flaxtrain/data/mix.py); its 'label' is then what accuracy counts.
+  """
   smoothing = cfg.label_smoothing
   if not 0.0 <= smoothing < 1.0:
     raise UserError(f"task.label_smoothing must be in [0, 1), got {smoothing}.")
@@ -39,9 +44,12 @@ def classification(cfg, num_classes: int) -> Task:
   def loss(outputs, batch, inputs):
     del inputs
     logits = outputs.astype(jnp.float32)
-    labels = jax.nn.one_hot(batch["label"], num_classes)
-    if smoothing:
-      labels = optax.smooth_labels(labels, smoothing)
+    if "target" in batch:
+      labels = batch["target"]
+    else:
+      labels = jax.nn.one_hot(batch["label"], num_classes)
+      if smoothing:
+        labels = optax.smooth_labels(labels, smoothing)
     per_example = optax.softmax_cross_entropy(logits, labels)
     metrics = {"accuracy": (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)}
     if top5:
@@ -58,6 +66,7 @@ def classification(cfg, num_classes: int) -> Task:
     names,
     best_metric="eval_accuracy",
     best_mode="max",
+    num_classes=num_classes,
   )
 
 
