@@ -6,8 +6,9 @@ Model: big_vision's plain ViT (global-average pool, fixed 2-D sin-cos position
 embedding, no class token) at width 96, depth 6, 4 heads, MLP 192, on 4x4 patches of
 the 28x28 images (49 tokens; 451,498 parameters), stochastic depth 0.1.
 Recipe: AdamW (peak 1e-3, weight decay 0.05 on kernels), one epoch of warmup then
-cosine to 0, batch 128, 15 epochs; random crops (2 px padding) and flips, mixup
-(alpha 0.2) on half the examples and label smoothing 0.1.
+cosine to 0, batch 128, 15 epochs; random crops (2 px padding) and flips. Mixup and
+label smoothing slowed it here (78.6% after 3 epochs with mixup 0.2 on half the
+examples and smoothing 0.1): at this size the ViT underfits Fashion-MNIST in 15 epochs.
 
 Measured: see the README's "ViT on Fashion-MNIST" line (accuracy and wall time on the
 2-core CPU).
@@ -32,7 +33,4 @@ def get_config():
   c.batch_size = 128
   c.augment.crop_padding = 2
   c.augment.flip = True
-  c.augment.mixup_alpha = 0.2
-  c.augment.mix_prob = 0.5
-  c.task.label_smoothing = 0.1
   return config_lib.adamw_warmup_cosine(c, learning_rate=1e-3, weight_decay=0.05, warmup_epochs=1.0)
