@@ -126,7 +126,7 @@ class NNXModel:
       abstract = nnx.eval_shape(lambda: self._build(jax.random.key(0)))
       graphdef, state = nnx.split(abstract)
       leaves = []
-      for path, var in state.flat_state():
+      for path, var in nnx.to_flat_state(state):
         rng = isinstance(var, _RNG_TYPES)
         leaves.append((path, None if rng else _collection(type(var)), var))
       self._graph = graphdef, leaves
@@ -135,7 +135,7 @@ class NNXModel:
   def _variables(self, module) -> dict:
     _, state = nnx.split(module)
     flat = {}
-    for path, var in state.flat_state():
+    for path, var in nnx.to_flat_state(state):
       if not isinstance(var, _RNG_TYPES):
         flat[(_collection(type(var)), *_key_str(path))] = var.get_value()
     return _nest(flat)
