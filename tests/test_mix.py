@@ -200,7 +200,7 @@ def test_mixed_training_is_bitwise_the_same_on_one_and_four_devices(synthetic_da
 
 @pytest.mark.slow
 def test_mixed_run_on_two_processes_is_bitwise_the_one_device_run(real_data_dir, tmp_path):
-  """Through the CLI: 2 processes x 2 devices == 1 device, with mixing on."""
+  """Through the CLI: 2 processes x 2 devices == 1 device, with mixing and RandAugment on."""
   spec = importlib.util.spec_from_file_location("topology", ROOT / "scripts" / "topology_check.py")
   topology = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(topology)
@@ -209,6 +209,8 @@ def test_mixed_run_on_two_processes_is_bitwise_the_one_device_run(real_data_dir,
     f"--config.dataset.data_dir={real_data_dir}",
     "--config.topology_invariant_shards=4",
     *(f"--config.{k}={v}" for k, v in MIXING.items()),
+    "--config.augment.randaugment_num_ops=2",
+    "--config.augment.randaugment_magnitude=9",
   ]
   topology.run_multi(tmp_path / "multi", 2, 2, 4, extra, timeout=600)
   topology.run_single(tmp_path / "one", 1, 4, extra, timeout=600)
