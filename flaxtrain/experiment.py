@@ -194,9 +194,7 @@ class Experiment:
       steps_per_epoch=self.plan.steps_per_epoch,
       total_steps=self.plan.total_steps,
       # Shapes only, traced only for optimizer.layer_decay/freeze (they read the paths).
-      params=lambda: jax.eval_shape(
-        self.model.init, {"params": jax.random.key(0)}, np.zeros((1, *self.spec.image_shape))
-      )["params"],
+      params=lambda: steps.param_shapes(self.model, self.spec.image_shape),
     )
     self.train_metrics = metrics_lib.train_metrics(self.task.metric_names)
     self.eval_metrics = metrics_lib.eval_metrics(self.task.metric_names)

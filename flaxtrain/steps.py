@@ -342,6 +342,12 @@ def init_state(
   return jax.jit(init, out_shardings=par.sharding(parallel.REPLICATED))()
 
 
+def param_shapes(model, image_shape):
+  """The params tree as shapes (nothing initialised), e.g. for optimizers.make."""
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  return jax.eval_shape(model.init, {"params": jax.random.key(0)}, x)["params"]
+
+
 def step_flops(model, task, image_shape, per_device_batch: int, dtype) -> float | None:
   """XLA's cost-analysis FLOPs of the loss's forward and backward on one device's batch."""
   variables = jax.eval_shape(

@@ -414,6 +414,7 @@ def _lower(config, model_cfg, data: DataSpec, plan, par, batch: int):
     config.schedule,
     steps_per_epoch=plan.steps_per_epoch,
     total_steps=plan.total_steps,
+    params=lambda: steps.param_shapes(model, data.image_shape),
   )
   chunk = steps.make_train_chunk(
     model,

@@ -266,3 +266,32 @@ def test_drop_path_drops_whole_examples_at_the_rate_and_keeps_the_mean():
   np.testing.assert_allclose(per_example[~dropped], 1 / 0.7, rtol=1e-6)
   assert y.mean() == pytest.approx(1.0, abs=0.02)
   assert resnet._rates(0.2, 5) == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+
+
+def test_fine_tune_an_nnx_vit_from_a_timm_file_through_the_loop(
+  torch, tmp_path, synthetic_data, caplog
+):
+  """init_from=<timm ViT file> into the NNX ViT in a real run: the body is the file's, the
+  head (7 classes in the file, 10 here) is fresh, and layer decay applies."""
+  timm = pytest.importorskip("timm")
+  from flaxtrain import api, config_lib
+
+  tm = timm.models.vision_transformer.VisionTransformer(
+    img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=7
+  )
+  path = _save(torch, tm, str(tmp_path / "vit.safetensors"))
+  config = tiny_config(
+    num_train_steps=1,
+    init_from=path,
+    **{"optimizer.layer_decay": 0.7, "optimizer.learning_rate": 1e-12},
+  )
+  config.model = config_lib.vit_model(
+    pool="token", posemb="learn", width=32, depth=2, heads=2, mlp_dim=128, patch_size=7
+  )
+  with caplog.at_level(logging.WARNING):
+    summary = loop.train_and_evaluate(config, str(tmp_path / "run"))
+  assert summary["step"] == 1 and np.isfinite(summary["eval_loss"])
+  assert any("keeps its fresh initialization" in r.getMessage() for r in caplog.records)
+  params = api.load(str(tmp_path / "run")).variables["params"]
+  file_qkv = tm.state_dict()["blocks.1.attn.qkv.weight"].numpy().T
+  np.testing.assert_allclose(params["blocks"]["1"]["attn"]["qkv"]["kernel"], file_qkv, atol=1e-6)
