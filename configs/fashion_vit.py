@@ -10,8 +10,13 @@ cosine to 0, batch 128, 15 epochs; random crops (2 px padding) and flips. Mixup 
 label smoothing slowed it here (78.6% after 3 epochs with mixup 0.2 on half the
 examples and smoothing 0.1): at this size the ViT underfits Fashion-MNIST in 15 epochs.
 
-Measured: see the README's "ViT on Fashion-MNIST" line (accuracy and wall time on the
-2-core CPU).
+Measured (2026-12-02, 2-core x86 CPU, 2 JAX CPU devices, jax 0.10.2, flax 0.12.8, at
+commit f7c68ee, with other tests running beside it part of the time): test accuracy
+88.93%, eval loss 0.3040 after 15 epochs (7,020 steps); 343 train examples/s; 45 min
+wall. Per epoch: 70.9, 76.2, 76.9, 78.9, 82.6, 84.3, 84.5, 86.0, 86.1, 86.7, 87.8, 88.5,
+88.5, 88.9, 88.9%. Short of the 92% the CNN reaches in 3 minutes: a plain ViT this
+small learns Fashion-MNIST slowly from scratch (it has no convolutional prior), and
+~40-60 epochs do not fit in an hour on this CPU.
 """
 
 from flaxtrain import config_lib
