@@ -30,7 +30,7 @@ train: data
 	$(BIN)/flaxtrain --config=$(CONFIG) $(ARGS)
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -48,7 +48,7 @@ test-newest:
 	  tensorflow_datasets as t; print('newest stack: Python', sys.version.split()[0], \
 	  'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, \
 	  'orbax', o.__version__, 'tfds', t.__version__)"
-	$(NEWEST)/bin/python -m pytest -q -m "not slow"
+	$(NEWEST)/bin/python -m pytest -q -m "not slow" --durations=30
 
 lint: venv
 	$(BIN)/ruff check flaxtrain tests configs scripts
