@@ -30,7 +30,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, traverse_util
 from flax.nnx import variablelib
 
 from flaxtrain.errors import UserError
@@ -78,22 +78,6 @@ def _key_str(path) -> tuple[str, ...]:
   return tuple(str(k) for k in path)
 
 
-def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, value in flat.items():
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = value
-  return out
-
-
-def _lookup(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
 class NNXModel:
   """An `nnx.Module` class and its constructor's arguments as a flaxtrain model.
 
@@ -138,7 +122,7 @@ class NNXModel:
     for path, var in nnx.to_flat_state(state):
       if not isinstance(var, _RNG_TYPES):
         flat[(_collection(type(var)), *_key_str(path))] = var.get_value()
-    return _nest(flat)
+    return traverse_util.unflatten_dict(flat)
 
   def init(self, rngs, x, train: bool = False, **kwargs):
     del x, train, kwargs  # NNX modules create their variables in the constructor.
@@ -146,6 +130,7 @@ class NNXModel:
 
   def _merge(self, variables, dropout_key):
     graphdef, leaves = self._structure()
+    given = traverse_util.flatten_dict(variables)
     flat = []
     rng_index = 0
     for path, collection, var in leaves:
@@ -158,13 +143,12 @@ class NNXModel:
         else:
           value = jnp.zeros(var.get_value().shape, var.get_value().dtype)
       else:
-        try:
-          value = _lookup(variables[collection], _key_str(path))
-        except KeyError as e:
+        value = given.get((collection, *_key_str(path)))
+        if value is None:
           raise UserError(
             f"{self.cls.__name__} expects variable {collection}/{'/'.join(_key_str(path))}, "
             "which the given variables lack: pass variables of this model."
-          ) from e
+          )
       flat.append((path, var.copy(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
