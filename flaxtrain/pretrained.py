@@ -334,7 +334,7 @@ def _resnet_variables(state_dict, params, model_state, path, model_name) -> dict
           f"model.name={model_name}."
         )
       value = state_dict[key]
-      loaded[(collection, *names)] = (key, _to_flax(value), value.shape, _torch_shape(shape))
+      loaded[(collection, *names)] = (key, to_flax(value), value.shape, torch_shape(shape))
       used.add(key)
   extra = [k for k in state_dict if k not in used and not k.endswith("num_batches_tracked")]
   if extra:
@@ -359,14 +359,14 @@ def _resnet_key(names: tuple[str, ...], torch_blocks: list[str]) -> str | None:
   return ".".join([*prefix, _RESNET_MODULES[modules[0]], _RESNET_LEAVES[leaf]])
 
 
-def _to_flax(x: np.ndarray) -> np.ndarray:
+def to_flax(x: np.ndarray) -> np.ndarray:
   """Torch layouts to flax's: conv OIHW -> HWIO, linear (out, in) -> (in, out)."""
   if x.ndim == 4:
     return x.transpose(2, 3, 1, 0)
   return x.T if x.ndim == 2 else x
 
 
-def _torch_shape(shape: tuple) -> tuple:
+def torch_shape(shape: tuple) -> tuple:
   if len(shape) == 4:
     return tuple(shape[i] for i in (3, 2, 0, 1))
   return tuple(shape[::-1]) if len(shape) == 2 else tuple(shape)
@@ -398,7 +398,7 @@ def _vit_variables(state_dict, params, path) -> dict:
     names = _names(p)
     key = keys.get(names, ".".join(names))
     model_shape = _lookup(params, names).shape
-    model_file_shape = _torch_shape(model_shape) if names[-1] == "kernel" else model_shape
+    model_file_shape = torch_shape(model_shape) if names[-1] == "kernel" else model_shape
     loaded[("params", *names)] = (key, value, state_dict[key].shape, tuple(model_file_shape))
   # params_from_timm maps the keys the file has; the model may have more.
   _check_complete(loaded, params, "params", path, "a timm ViT of another depth or layout")

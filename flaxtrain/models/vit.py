@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flaxtrain import pretrained
 from flaxtrain.errors import UserError
 
 # width, depth, heads, mlp_dim: Table 2 of https://arxiv.org/abs/2106.04560 (as timm).
@@ -273,13 +274,9 @@ def _resolve(tree, path: tuple) -> tuple[tuple, object]:
   return tuple(spelt), tree
 
 
-def _timm_shape(leaf: str, shape: tuple) -> tuple:
+def _timm_layout(leaf: str, shape: tuple) -> tuple:
   """Our parameter shape written in timm's layout, for error messages."""
-  if leaf == "kernel" and len(shape) == 4:
-    return tuple(shape[i] for i in (3, 2, 0, 1))
-  if leaf == "kernel" and len(shape) == 2:
-    return tuple(shape[::-1])
-  return tuple(shape)
+  return pretrained.torch_shape(shape) if leaf == "kernel" else tuple(shape)
 
 
 def params_from_timm(state_dict: dict, params: dict) -> dict:
@@ -305,10 +302,8 @@ def params_from_timm(state_dict: dict, params: dict) -> dict:
       _, parent = _resolve(params, path[:-1])
       leaf = "kernel" if isinstance(parent, dict) and "kernel" in parent else "scale"
       path = path[:-1] + (leaf,)
-    if leaf == "kernel" and value.ndim == 4:
-      value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    elif leaf == "kernel" and value.ndim == 2:
-      value = value.T
+    if leaf == "kernel":  # OIHW -> HWIO, (out, in) -> (in, out).
+      value = pretrained.to_flax(value)
     path, target = _resolve(params, path)
     if target is None or isinstance(target, dict):
       raise UserError(
@@ -318,7 +313,7 @@ def params_from_timm(state_dict: dict, params: dict) -> dict:
     if path[0] != "head" and tuple(value.shape) != tuple(np.shape(target)):
       raise UserError(
         f"The timm checkpoint key {key!r} has shape {tuple(np.shape(state_dict[key]))} where "
-        f"the model expects {_timm_shape(leaf, np.shape(target))}; build the ViT with the "
+        f"the model expects {_timm_layout(leaf, np.shape(target))}; build the ViT with the "
         "checkpoint's variant, patch size and image size."
       )
     node = out
