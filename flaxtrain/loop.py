@@ -140,7 +140,7 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
     parameter_overview.log_parameter_overview(par.to_host(state.params))
   step = int(par.to_host(state.step))
 
-  report = periodic_actions.ReportProgress(
+  report = _ChunkProgress(
     num_train_steps=plan.total_steps, writer=writer, every_steps=config.log_every_steps
   )
   best_key = exp.task.best_metric
@@ -166,19 +166,20 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
 
       def check(chunk):
         if chunk is not None:
-          bad, chunk_metrics = chunk
+          bad, metrics = chunk
           bad = int(par.to_host(bad))
           if bad >= 0:
-            _fail_nonfinite(bad, par.to_host(chunk_metrics).compute(), ckpt, writer)
+            _fail_nonfinite(bad, par.to_host(metrics).compute(), ckpt, writer)
 
       while step < plan.total_steps:
         n = plan.next_stop(step) - step
         profiling_s = profile.start_if_due(step)  # The plan stops at the window's edges.
         t = time.time()
         with profile.annotate(step):
-          state, chunk_metrics, bad = exp.train_chunk(state, step, n)
+          # The metrics since the last log stay on the device, merged there chunk by chunk.
+          state, train_metrics, bad = exp.train_chunk(state, step, n, train_metrics)
         check(unchecked)
-        unchecked = (bad, chunk_metrics)
+        unchecked = (bad, train_metrics)
         if timing["first_step_s"] is None:  # The first chunk compiles: time it alone.
           check(unchecked)
           unchecked = None
@@ -189,12 +190,8 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
         else:
           timing["steady_steps"] += n
           timing["paused_s"] += profiling_s
-        for s in range(step + 1, step + n + 1):  # ReportProgress wants every step.
-          report(s)
         step += n
-        train_metrics = (
-          chunk_metrics if train_metrics is None else train_metrics.merge(chunk_metrics)
-        )
+        report(step)
         logged = None
         stop = stopper.should_stop(step)
         timing["paused_s"] += profile.stop_if_due(step, state, stop)
@@ -296,6 +293,15 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
       return summary
   except asynclib.AsyncError as e:  # Metric writes failed (a full disk, a tracker).
     _fail_writing_metrics(e, ckpt, workdir)
+
+
+class _ChunkProgress(periodic_actions.ReportProgress):
+  """CLU's ReportProgress, called after each chunk rather than each step (a call costs
+  microseconds); it still reports at every log step, since log steps end chunks."""
+
+  def _init_and_check(self, step: int, t: float):  # Its own also checks step == last + 1.
+    if self._previous_step is None:
+      self._previous_step, self._previous_time = step, t
 
 
 class _Profile:

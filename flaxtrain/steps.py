@@ -257,11 +257,17 @@ def make_train_chunk(
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, kept)
     return new, metrics, bad
 
-  def chunk(state, inputs, num_steps):
+  def chunk(state, inputs, num_steps, so_far=None):
+    """-> (state, metrics, bad step or -1); the metrics merged into `so_far` (e.g. those
+    since the last log) if given."""
+    state, metrics, bad = steps_of(state, inputs, num_steps)
+    metrics = parallel.gather_metrics(metrics)
+    return state, metrics if so_far is None else so_far.merge(metrics), bad
+
+  def steps_of(state, inputs, num_steps):
     if max_steps == 1:
       # No loop: XLA:CPU runs convolutions whose kernels are loop-carried ~15x slower.
-      new, metrics, bad = guarded_step(state, plan_lib.take(inputs, 0))
-      return new, parallel.gather_metrics(metrics), bad
+      return guarded_step(state, plan_lib.take(inputs, 0))
 
     def cond(carry):
       i, _, _, bad = carry
@@ -274,7 +280,7 @@ def make_train_chunk(
 
     carry = (jnp.int32(0), state, metrics_cls.empty(), jnp.int32(-1))
     _, state, metrics, bad = jax.lax.while_loop(cond, body, carry)
-    return state, parallel.gather_metrics(metrics), bad
+    return state, metrics, bad
 
   return chunk
 

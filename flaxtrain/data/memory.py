@@ -2,8 +2,9 @@
 
 For splits that fit comfortably in memory (MNIST, CIFAR). Batches follow the shared index
 plan (`plan.py`), in one of two layouts with the same batches:
-  * on device: the whole split is copied once to every device; each step sends only
-    int32 indices and the device gathers its examples (no input stalls);
+  * on device: the whole split is copied once to every device, and each epoch's int32
+    indices once per epoch; a chunk sends only its offset into them and the device
+    gathers its examples (no input stalls);
   * host: each process gathers the rows its own devices need and transfers them.
 """
 
@@ -113,6 +114,7 @@ class MemorySource:
     self.on_device = self._decide_on_device(on_device)
     self.description = "in memory, on device" if self.on_device else "in memory, gathered on host"
     self._tables = {}
+    self._window = (0, 0, None)  # (first step, steps, their device ids): train_batches.
     self._eval_batches = None
     self.input_wait_s = None  # Batches are gathered when asked for: nothing to wait for.
 
@@ -124,10 +126,12 @@ class MemorySource:
       self._tables[name] = self.par.replicate(split)
     return self._tables[name]
 
-  def _batches(self, name: str, split: dict, idx: np.ndarray) -> Batches:
+  def _batches(self, name: str, split: dict, idx, put: bool = True) -> Batches:
     if self.on_device:
+      if put:
+        idx = self.par.put(idx, parallel.STEPS_BATCH)
       return Batches(
-        inputs={"table": self._table(name, split), "idx": self.par.put(idx, parallel.STEPS_BATCH)},
+        inputs={"table": self._table(name, split), "idx": idx},
         specs={"table": parallel.REPLICATED, "idx": parallel.STEPS_BATCH},
       )
     inputs = {}
@@ -140,7 +144,21 @@ class MemorySource:
     return Batches(inputs=inputs, specs={k: parallel.STEPS_BATCH for k in inputs})
 
   def train_batches(self, start_step: int, num_steps: int, chunk: int) -> Batches:
-    return self._batches("train", self.train, self.plan.train_indices(start_step, num_steps, chunk))
+    if not self.on_device:
+      idx = self.plan.train_indices(start_step, num_steps, chunk)
+      return self._batches("train", self.train, idx)
+    # The ids of a whole epoch (plus one chunk past its end, for chunks that cross it) go
+    # to the devices once; each chunk then sends only the offset of its first step.
+    first, count, ids = self._window
+    if not first <= start_step <= start_step + num_steps <= first + count:
+      spe = self.plan.steps_per_epoch
+      first, count = start_step // spe * spe, spe + chunk
+      ids = self.par.put(self.plan.train_indices(first, count, count), parallel.STEPS_BATCH)
+      self._window = first, count, ids
+    batches = self._batches("train", self.train, ids, put=False)
+    batches.inputs["offset"] = np.int32(start_step - first)
+    batches.specs["offset"] = parallel.REPLICATED
+    return batches
 
   def eval_batches(self):
     """The eval split as chunks of masked batches; here one chunk, kept on the devices."""

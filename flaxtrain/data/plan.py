@@ -30,8 +30,14 @@ class Batches:
 
 
 def take(inputs: dict, i):
-  """Per-device: the i-th batch of a chunk as {'image', 'label'[, 'mask']}."""
+  """Per-device: the i-th batch of a chunk as {'image', 'label'[, 'mask']}.
+
+  With an 'offset', 'idx' holds the ids of many steps (e.g. a whole epoch's, sent to the
+  devices once) and the chunk's batches are its rows offset+i.
+  """
   if "idx" in inputs:
+    if "offset" in inputs:
+      i = inputs["offset"] + i
     idx = inputs["idx"][i]
     batch = {k: inputs["table"][k][idx] for k in ("image", "label")}
   else:

@@ -1,0 +1,73 @@
+"""What the loop's cheap paths must keep: the same metrics and the same data order."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from flaxtrain import parallel
+from flaxtrain.data import memory
+from flaxtrain.experiment import Experiment
+
+
+def _host(metrics):
+  return {k: np.asarray(v) for k, v in parallel.DataParallel().to_host(metrics).compute().items()}
+
+
+@pytest.mark.parametrize("dispatch", [1, 5])
+def test_metrics_merged_on_the_device_equal_an_eager_merge(synthetic_data, dispatch):
+  """The loop passes each chunk the metrics so far; the logged values are bitwise those of
+  merging every chunk's own metrics after the fact, as the loop used to."""
+  exp = Experiment(tiny_config(steps_per_dispatch=dispatch, log_every_steps=100))
+  a = b = exp.init_state()
+  a = jax.tree.map(lambda x: x.copy(), a)  # Each chunk donates its state.
+  so_far, eager, step = None, None, 0
+  while step < 23:
+    n = min(dispatch, 23 - step)
+    a, so_far, _ = exp.train_chunk(a, step, n, so_far)
+    b, chunk, _ = exp.train_chunk(b, step, n)
+    eager = chunk if eager is None else eager.merge(chunk)
+    step += n
+  got, want = _host(so_far), _host(eager)
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def _source(num_devices=4, chunk=5):
+  par = parallel.DataParallel(jax.devices()[:num_devices])
+  rng = np.random.default_rng(0)
+  split = {"image": rng.integers(0, 255, (203, 2, 2, 1), np.uint8), "label": np.arange(203)}
+  return memory.MemorySource(
+    split, split, par=par, seed=3, batch_size=8, eval_batch_size=8, on_device="true"
+  )
+
+
+def _ids(batches, i):
+  """The example ids of a chunk's i-th batch, as the device reads them (plan.take)."""
+  return np.asarray(batches.inputs["idx"])[int(batches.inputs["offset"]) + i]
+
+
+def test_on_device_ids_follow_the_index_plan_across_epochs_and_resumes():
+  """Chunks read a whole epoch's ids sent once; every step's batch is still the plan's,
+  for chunks inside an epoch, across its end, and from any step a resume starts at."""
+  src = _source()
+  spe = src.plan.steps_per_epoch  # 25
+  starts = [0, 5, 10, 20, 23, spe + 2, 3 * spe - 1, 3, 7 * spe]  # Backwards too (a jump).
+  for start in starts:
+    batches = src.train_batches(start, 5, 5)
+    for i in range(5):
+      np.testing.assert_array_equal(_ids(batches, i), src.plan.step_indices(start + i))
+  resumed = _source()  # A fresh process resuming mid-epoch.
+  batches = resumed.train_batches(spe + 7, 5, 5)
+  for i in range(5):
+    np.testing.assert_array_equal(_ids(batches, i), src.plan.step_indices(spe + 7 + i))
+
+
+def test_ids_go_to_the_devices_once_per_epoch():
+  src = _source()
+  spe = src.plan.steps_per_epoch
+  first = src.train_batches(0, 5, 5).inputs["idx"]
+  for start in range(5, spe + 1, 5):  # Up to a chunk past the epoch's end.
+    assert src.train_batches(start, 5, 5).inputs["idx"] is first
+  assert src.train_batches(spe + 5, 5, 5).inputs["idx"] is not first
