@@ -157,6 +157,7 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
         "steady_start": None,
         "steady_steps": 0,
         "paused_s": 0.0,
+        "epoch_ends": [],
       }
       eval_result = None
       # The non-finite flag of the chunk before this one: checked after the next chunk is
@@ -226,6 +227,8 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
         if eval_result is not None or saved:
           console.event("%s", _step_line(step, eval_result, saved))
         timing["paused_s"] += time.time() - paused
+        if step % plan.steps_per_epoch == 0:  # After its eval and the save's blocking part.
+          timing["epoch_ends"].append(time.time())
         if stop:
           ckpt.wait()
           writer.close(status="KILLED")
@@ -283,6 +286,9 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
         "processes": par.num_processes,
         "batch_size": config.batch_size,
         "input_wait_share": wait_share,
+        # When each epoch this invocation ran ended (after its eval and the save's blocking
+        # part), in seconds since the invocation started: per-epoch times are differences.
+        "epoch_end_s": [t - start_time for t in timing["epoch_ends"]],
         "data_source": exp.data.description,
         # This invocation's peaks (a resumed run's: since the resume), the max over processes.
         **resources.peaks(par),
