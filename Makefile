@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/fashion_cnn.py
+# Test processes (pytest-xdist): one per core by default; each test file runs in one of them
+# (module fixtures are built once). TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= auto
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
 ARGS ?=
 # Debian ships the original Fashion-MNIST files: used offline where there is no internet.
 FASHION_MNIST_DEB := /usr/share/datasets/fashion-mnist
@@ -30,10 +34,10 @@ train: data
 	$(BIN)/flaxtrain --config=$(CONFIG) $(ARGS)
 
 test: venv
-	$(BIN)/python -m pytest -q --durations=30
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) --durations=30
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m "not slow"
 
 # The newest stack TPU VM and GPU users install: Python 3.12 (found, or installed by
 # scripts/python312.sh) with the newest jax (with libtpu, for the TPU topology tests of
@@ -48,7 +52,7 @@ test-newest:
 	  tensorflow_datasets as t; print('newest stack: Python', sys.version.split()[0], \
 	  'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, \
 	  'orbax', o.__version__, 'tfds', t.__version__)"
-	$(NEWEST)/bin/python -m pytest -q -m "not slow" --durations=30
+	$(NEWEST)/bin/python -m pytest -q $(PYTEST_PARALLEL) -m "not slow" --durations=30
 
 lint: venv
 	$(BIN)/ruff check flaxtrain tests configs scripts

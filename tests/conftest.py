@@ -10,8 +10,22 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # compile through libtpu all the same. scripts/accelerator_check.sh sets it to the device.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import atexit  # noqa: E402
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# A persistent XLA compilation cache per test process (each pytest-xdist worker has its own),
+# shared with the CLI subprocesses its tests start (they inherit the environment): most tests
+# compile the same few train steps, and a hit skips XLA's compile. The cache is keyed by the
+# program, the compile options and the versions, so a hit is the executable a fresh compile
+# gives. A new directory every session: every `make test` starts cold.
+_XLA_CACHE = tempfile.mkdtemp(prefix="flaxtrain-test-xla-cache-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

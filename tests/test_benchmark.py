@@ -26,6 +26,7 @@ def positive(value):
   return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
+@pytest.mark.slow  # A whole script run: make test only, not on the newest stack too.
 def test_tiny_window_benchmark_reports_every_field(real_data_dir, tmp_path):
   out = tmp_path / "bench.json"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # conftest's 4 devices.
@@ -118,6 +119,7 @@ def test_tiny_window_benchmark_reports_every_field(real_data_dir, tmp_path):
   assert report["full"] is None
 
 
+@pytest.mark.slow  # A whole script run: make test only, not on the newest stack too.
 def test_tiny_input_benchmark_reports_every_field(tmp_path):
   """`benchmark.py --input` in a tiny form: 64 JPEGs, batches of 16, 1 round."""
   out = tmp_path / "input.json"
@@ -370,6 +372,7 @@ def test_overhead_bare_loop_and_table(tmp_path, monkeypatch):
   assert "| logreg | 1 | - | 5,000 | - |" in text
 
 
+@pytest.mark.slow  # A whole script run: make test only, not on the newest stack too.
 def test_full_run_smoke_parses_a_real_cli_run(real_data_dir, tmp_path):
   """`--smoke`: the real CLI for 2 "epochs" of 2 steps; its log gives the epoch times."""
   out = tmp_path / "full.json"

@@ -1,8 +1,8 @@
 """Mixup and CutMix (flaxtrain/data/mix.py): timm's per-example semantics, the soft targets,
-and the same mixed batches and training on any device or process count."""
+and the same mixed batches and training on any device count (on 2 processes as on 1 device,
+with RandAugment too: tests/test_multiprocess.py)."""
 
 import functools
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 import scipy.stats
-from conftest import ROOT, TINY_FLAGS, tiny_config
+from conftest import tiny_config
 
 from flaxtrain import experiment, parallel, tasks
 from flaxtrain.data import mix
@@ -196,26 +196,6 @@ def test_mixed_training_is_bitwise_the_same_on_one_and_four_devices(synthetic_da
   # Metrics are averaged across devices in another order.
   assert m4["loss"] == pytest.approx(m1["loss"], rel=1e-6)
   assert m4["accuracy"] == pytest.approx(m1["accuracy"], rel=1e-6)
-
-
-@pytest.mark.slow
-def test_mixed_run_on_two_processes_is_bitwise_the_one_device_run(real_data_dir, tmp_path):
-  """Through the CLI: 2 processes x 2 devices == 1 device, with mixing and RandAugment on."""
-  spec = importlib.util.spec_from_file_location("topology", ROOT / "scripts" / "topology_check.py")
-  topology = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(topology)
-  extra = [
-    *TINY_FLAGS,
-    f"--config.dataset.data_dir={real_data_dir}",
-    "--config.topology_invariant_shards=4",
-    *(f"--config.{k}={v}" for k, v in MIXING.items()),
-    "--config.augment.randaugment_num_ops=2",
-    "--config.augment.randaugment_magnitude=9",
-  ]
-  topology.run_multi(tmp_path / "multi", 2, 2, 4, extra, timeout=600)
-  topology.run_single(tmp_path / "one", 1, 4, extra, timeout=600)
-  a, b = topology.load_params(tmp_path / "multi"), topology.load_params(tmp_path / "one")
-  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize(

@@ -77,8 +77,18 @@ def test_two_processes_match_one_process(two_by_two):
 def test_topology_invariant_run_on_two_processes_is_bitwise_the_one_device_run(
   real_data_dir, tmp_path
 ):
-  """--config.topology_invariant_shards: 2 processes x 2 devices == 1 device, bit for bit."""
-  extra = _flags(real_data_dir, "--config.topology_invariant_shards=4")
+  """--config.topology_invariant_shards: 2 processes x 2 devices == 1 device, bit for bit,
+  with Mixup/CutMix and RandAugment on (their draws follow the example, not the device)."""
+  extra = _flags(
+    real_data_dir,
+    "--config.topology_invariant_shards=4",
+    "--config.augment.mixup_alpha=0.8",
+    "--config.augment.cutmix_alpha=1.0",
+    "--config.augment.mix_prob=0.8",
+    "--config.task.label_smoothing=0.1",
+    "--config.augment.randaugment_num_ops=2",
+    "--config.augment.randaugment_magnitude=9",
+  )
   topology.run_multi(tmp_path / "multi", 2, 2, STEPS, extra, timeout=600)
   topology.run_single(tmp_path / "one", 1, STEPS, extra, timeout=600)
   a, b = topology.load_params(tmp_path / "multi"), topology.load_params(tmp_path / "one")

@@ -218,6 +218,7 @@ def installed(wheel, tmp_path_factory) -> pathlib.Path:
   return bin_dir
 
 
+@pytest.mark.slow  # A fresh venv and a run: make test only.
 def test_wheel_installed_trains_from_an_empty_directory(installed, real_data_dir, tmp_path):
   python = str(installed / "python")
   site = pathlib.Path(python_paths(python)["purelib"])
