@@ -3,9 +3,17 @@
 import io
 import logging as logging_std
 
+import pytest
 from absl import logging
 
 from flaxtrain import progress
+
+
+@pytest.fixture(autouse=True)
+def _wide_terminal(monkeypatch):
+  """The bar is cut to the terminal's width: pinned, whatever runs the tests (pytest-xdist
+  workers see 80 columns)."""
+  monkeypatch.setenv("COLUMNS", "120")
 
 
 class _Terminal(io.StringIO):
