@@ -224,7 +224,6 @@ def _run():
     _cpu_devices_default(FLAGS.config.batch_size)
   from flaxtrain import console, distributed  # Imports jax: after flags, so errors stay short.
 
-  console.import_tensorflow_quietly()  # Its C++ start-up notes go to the log file only.
   if FLAGS.topology is not None:
     from flaxtrain import topology
 
@@ -239,6 +238,11 @@ def _run():
     import jax
 
     jax.devices()
+  if FLAGS.topology is None:  # What the config can get wrong fails before TensorFlow loads.
+    from flaxtrain import experiment, parallel
+
+    experiment.validate(FLAGS.config, parallel.DataParallel())
+  console.import_tensorflow_quietly()  # Its C++ start-up notes go to the log file only.
   if FLAGS.mode == "train":
     _train(FLAGS.config, workdir)
     return

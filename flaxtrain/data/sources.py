@@ -49,6 +49,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   ds, aug = config.dataset, config.augment
   if ds.source not in SOURCES:
     raise UserError(f"dataset.source must be one of {', '.join(SOURCES)}, got {ds.source!r}.")
+  memory.on_device(ds.on_device, 0)  # A bad value fails here, before the data loads.
   preprocess.check_sizes(
     ds.image_size, aug.crop_area_range, aug.crop_aspect_range, ds.eval_crop_fraction
   )
