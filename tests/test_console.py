@@ -78,7 +78,8 @@ def test_terminal_shows_the_bar_and_events_and_the_log_file_keeps_everything(
   for chatter in ("Hyperparameters", "oneDNN", "InitializeLog", "steps_per_sec", "libtpu"):
     assert chatter not in screen
   log = (workdir / "flaxtrain.log").read_text()
-  for record in ("[Hyperparameters]", "oneDNN", "steps_per_sec", "Step 20: eval loss", "Devices:"):
+  # (TensorFlow's oneDNN note, where the CPU has AVX-512, goes there too: the test below.)
+  for record in ("[Hyperparameters]", "steps_per_sec", "Step 20: eval loss", "Devices:"):
     assert record in log, record
 
   # Piped (a batch job): today's plain absl lines, still without TF's start-up notes; the

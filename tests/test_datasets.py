@@ -151,11 +151,12 @@ def test_restore_gzip_header_rejects_non_gzip(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def fashion_data_dir(tmp_path_factory):
-  """fashion_mnist prepared once, offline, from the Debian copy (~15-30 s)."""
+def fashion_data_dir(real_data_dir):
+  """fashion_mnist prepared offline from the Debian copy: the session's TFDS data dir (CI's
+  `make data` prepares it through the same code), loaded here with the network cut off."""
   if not os.path.isdir(DEBIAN_DIR):
     pytest.skip(f"{DEBIAN_DIR} absent: apt-get install dataset-fashion-mnist")
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  data_dir = real_data_dir
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(socket, "getaddrinfo", lambda *a, **k: pytest.fail("used the network"))
     loaded = memory.load("fashion_mnist", data_dir=data_dir, manual_dir=None)
