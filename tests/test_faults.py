@@ -495,6 +495,8 @@ def test_other_model_width_names_the_entry_and_both_shapes(trained, synthetic_da
   assert message.endswith("use a new --workdir or the config that wrote it.")
 
 
+# Only in make test; on the newest stack test_other_model_width_names_the_entry_... covers it.
+@pytest.mark.slow
 def test_other_optimizer_is_caught(trained, synthetic_data, tmp_path):
   with pytest.raises(UserError) as e:
     _rerun_in(trained, tmp_path, **{"optimizer.name": "sgd"})

@@ -62,6 +62,8 @@ def _beta_distance(lam, alpha):
   return np.max(np.abs(ecdf - scipy.stats.beta(alpha, alpha).cdf(grid)))
 
 
+# Only in make test; on the newest stack test_cutmix_pastes_a_clipped_box_... covers it.
+@pytest.mark.slow
 def test_mixup_lam_follows_beta_alpha_alpha():
   lam, cutmix, _ = _draws(_cfg(mixup_alpha=0.2))
   assert not np.any(cutmix)
@@ -69,6 +71,8 @@ def test_mixup_lam_follows_beta_alpha_alpha():
   assert _beta_distance(lam, 0.3) > 0.03  # The check can fail.
 
 
+# Only in make test; on the newest stack test_cutmix_pastes_a_clipped_box_... covers it.
+@pytest.mark.slow
 def test_mix_prob_switch_prob_and_each_kinds_alpha():
   lam, cutmix, _ = _draws(MIXED)
   assert abs(cutmix.mean() - 0.3) < 0.015

@@ -72,6 +72,8 @@ def test_an_unknown_name_fails_in_one_sentence_listing_the_names():
   assert ", ".join(CONFIG_NAMES) in message and "\n" not in message
 
 
+# Only in make test; on the newest stack same there (our own name resolution).
+@pytest.mark.slow
 def test_cli_resolves_names_from_any_directory(tmp_path):
   # --mode=eval stops at the missing workdir, after the config and its overrides loaded:
   # config.model.hidden exists in fashion_mlp only, and the workdir is named after it.
@@ -84,6 +86,8 @@ def test_cli_resolves_names_from_any_directory(tmp_path):
   assert list(tmp_path.iterdir()) == []
 
 
+# Only in make test; on the newest stack same there (our own name resolution).
+@pytest.mark.slow
 def test_cli_still_takes_paths(tmp_path):
   mine = tmp_path / "my_config.py"
   mine.write_text(

@@ -199,6 +199,8 @@ def test_the_same_on_one_device_and_split_over_four():
   assert not np.allclose(whole, images)
 
 
+# Only in make test; on the newest stack test_the_same_on_one_device_and_split_over_four covers it.
+@pytest.mark.slow
 def test_randaugmented_training_is_identical_on_one_and_four_devices(synthetic_data):
   c = tiny_config(**{"augment.randaugment_num_ops": 2, "augment.randaugment_magnitude": 9.0})
   states = []
@@ -217,6 +219,8 @@ def test_randaugmented_training_is_identical_on_one_and_four_devices(synthetic_d
 _BEFORE = "cd5bf2ba933cab6f"
 
 
+# Only in make test; on the newest stack test_magnitude_zero_is_the_identity covers it.
+@pytest.mark.slow
 def test_existing_augmentations_are_bit_identical_with_randaugment_off_or_at_zero():
   images = jnp.asarray(np.random.default_rng(0).random((8, 16, 16, 3)), jnp.float32)
   old = dict(crop_padding=3, flip=True, erase_prob=0.5)

@@ -65,6 +65,8 @@ def test_resume_continues_from_the_saved_step_and_matches(synthetic_data, tmp_pa
   assert resumed["eval_accuracy"] == full["eval_accuracy"]
 
 
+# Only in make test; on the newest stack test_resume_continues_... covers it.
+@pytest.mark.slow
 def test_rerunning_a_finished_run_trains_nothing(synthetic_data, tmp_path):
   c = tiny_config(num_train_steps=16)
   first = loop.train_and_evaluate(c, str(tmp_path))
@@ -85,6 +87,8 @@ def test_one_device_and_four_devices_agree(synthetic_data, tmp_path):
   assert abs(one["eval_loss"] - four["eval_loss"]) < 1e-4
 
 
+# Only in make test; on the newest stack test_one_device_and_four_devices_agree covers it.
+@pytest.mark.slow
 def test_host_gathered_batches_give_the_same_run(synthetic_data, tmp_path):
   a = loop.train_and_evaluate(tiny_config(num_train_steps=12), str(tmp_path / "dev"))
   b = loop.train_and_evaluate(
@@ -129,6 +133,8 @@ def test_batch_not_divisible_by_devices_fails_before_writing(synthetic_data, tmp
   assert not (tmp_path / "w").exists()
 
 
+# Only in make test; on the newest stack restoring: test_resume_continues_... covers it.
+@pytest.mark.slow
 def test_init_from_starts_a_new_run_from_another_runs_params(synthetic_data, tmp_path):
   first = loop.train_and_evaluate(tiny_config(num_train_steps=32), str(tmp_path / "a"))
   # A learning rate too small to move anything: the new run evaluates the old params.

@@ -209,6 +209,9 @@ def test_a_broken_model_file_fails_in_one_sentence(tmp_path):
     models.get(ml_collections.ConfigDict({"name": f"{path}:Net"}), 10)
 
 
+# Only in make test; on the newest stack the NNXConvBN case of
+# test_user_models_train_checkpoint_and_resume covers it.
+@pytest.mark.slow
 def test_cli_trains_an_nnx_model_from_a_file_and_evaluates_it(tmp_path, model_file):
   """The README's example: --config.model.name=my_model.py:NNXMLP on the MLP config."""
   workdir = tmp_path / "run"
