@@ -16,14 +16,19 @@ import pathlib  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-# A persistent XLA compilation cache per test process (each pytest-xdist worker has its own),
-# shared with the CLI subprocesses its tests start (they inherit the environment): most tests
-# compile the same few train steps, and a hit skips XLA's compile. The cache is keyed by the
-# program, the compile options and the versions, so a hit is the executable a fresh compile
-# gives. A new directory every session: every `make test` starts cold.
-_XLA_CACHE = tempfile.mkdtemp(prefix="flaxtrain-test-xla-cache-")
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+# A persistent XLA compilation cache for the whole test run: made by the first pytest process
+# (xdist's controller, or a plain run) and shared by its workers and the CLI subprocesses
+# their tests start (they inherit the environment): most tests compile the same few train
+# steps, and a hit skips XLA's compile. The cache is keyed by the program, the compile
+# options and the versions, so a hit is the executable a fresh compile gives. A size limit
+# makes JAX lock the directory (filelock) around each read and write, so that processes
+# never read an entry another is still writing. A new directory every run: every
+# `make test` starts cold.
+if "FLAXTRAIN_TEST_XLA_CACHE" not in os.environ:
+  os.environ["FLAXTRAIN_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="flaxtrain-test-xla-cache-")
+  atexit.register(shutil.rmtree, os.environ["FLAXTRAIN_TEST_XLA_CACHE"], ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["FLAXTRAIN_TEST_XLA_CACHE"]
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 

@@ -255,9 +255,12 @@ def _summary(workdir) -> dict:
 def test_cli_learns_variable_size_jpegs_and_resumes_exactly_after_sigkill(data_dir, tmp_path):
   """End to end: 6 epochs from random-resized crops learn well above chance (10%; the
   patterns are coarse, so crops of 50%-100% keep most of a class's pattern); a run killed
-  mid-epoch and rerun ends bitwise where the uninterrupted run ends."""
+  mid-epoch and rerun ends bitwise where the uninterrupted run ends. One eval, at the end
+  (each eval starts its own input workers: test_a_killed_input_worker_... evaluates per
+  epoch)."""
   flags = (
     "--config.num_epochs=6",
+    "--config.eval_every_steps=48",  # 6 epochs of 8 steps.
     "--config.dataset.workers=2",
     "--config.checkpoint_every_steps=5",
     "--config.optimizer.learning_rate=5e-3",
