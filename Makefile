@@ -63,10 +63,16 @@ format: venv
 	$(BIN)/ruff format flaxtrain tests configs scripts
 	$(BIN)/ruff check --fix flaxtrain tests configs scripts
 
-# Full CLI runs (2 epochs; ARGS=--full: 10) against PyTorch eager and the Flax tutorial loop;
-# ARGS=--overhead: the loop's own cost; ARGS=--window: the 400-step diagnostic.
+# `make bench`: full CLI runs (2 epochs) against PyTorch eager and the Flax tutorial loop,
+# then the loop's own cost on tiny models (the two tables of the README). With ARGS, one
+# mode: --full (10 epochs), --overhead, --window (the 400-step diagnostic), --input.
 bench: data
+ifeq ($(strip $(ARGS)),)
+	$(BIN)/python scripts/benchmark.py --config=$(CONFIG)
+	$(BIN)/python scripts/benchmark.py --overhead
+else
 	$(BIN)/python scripts/benchmark.py --config=$(CONFIG) $(ARGS)
+endif
 
 clean:
 	rm -rf $(VENV) $(NEWEST) runs .pytest_cache

@@ -1,7 +1,8 @@
 """Benchmarks flaxtrain as users run it, against peers; and the loop's own cost.
 
     make bench                      # full runs, 2 epochs: flaxtrain CLI vs PyTorch eager
-                                    # and the Flax tutorial loop (scripts/bench_full.py)
+                                    # and the Flax tutorial loop (scripts/bench_full.py),
+                                    # then the --overhead table below
     make bench ARGS=--full          # the same, 10 epochs
     make bench ARGS=--overhead      # the loop's own cost on tiny models against the
                                     # leanest jitted loop (scripts/bench_overhead.py)
