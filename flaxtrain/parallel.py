@@ -77,7 +77,8 @@ class DataParallel:
 
 
 def mean(tree):
-  return jax.lax.pmean(tree, AXIS)
+  # One device: nothing to average, and XLA:CPU would still run a collective per call.
+  return tree if jax.lax.axis_size(AXIS) == 1 else jax.lax.pmean(tree, AXIS)
 
 
 def device_index():
@@ -86,6 +87,8 @@ def device_index():
 
 def gather_metrics(collection):
   """A per-device CLU collection -> the collection over all devices (replicated)."""
+  if jax.lax.axis_size(AXIS) == 1:
+    return collection  # Its own reduction; no collective per metric.
   return jax.lax.all_gather(collection, AXIS).reduce()
 
 
