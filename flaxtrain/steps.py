@@ -85,7 +85,7 @@ def make_train_chunk(
   max_steps: int,
   metrics_cls,
   num_devices: int,
-  platform: str = "cpu",
+  platform: str,
 ):
   """Per-device: runs up to `num_steps` (<= max_steps) train steps on the chunk's batches."""
   stop_on_nonfinite = config.nonfinite == "error"
