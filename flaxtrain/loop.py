@@ -160,17 +160,17 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
         "epoch_ends": [],
       }
       eval_result = None
-      # The first non-finite step since the last check (-1: none), on the device: each
-      # chunk passes it to the next, which applies no step after one. Read only before
-      # anything is logged, evaluated or saved, so the host never waits for the device
-      # between those; a bad step is never applied, and nothing after it is saved.
-      bad = None
+      # The non-finite flag of the chunk before this one: checked after the next chunk is
+      # dispatched, so the host never waits for the device inside the loop (at most two
+      # chunks in flight). A bad chunk is never saved: every save checks first.
+      unchecked = None
 
-      def check(bad):
-        if bad is not None:
+      def check(chunk):
+        if chunk is not None:
+          bad, metrics = chunk
           bad = int(par.to_host(bad))
           if bad >= 0:
-            _fail_nonfinite(bad, par.to_host(train_metrics).compute(), ckpt, writer)
+            _fail_nonfinite(bad, par.to_host(metrics).compute(), ckpt, writer)
 
       while step < plan.total_steps:
         n = plan.next_stop(step) - step
@@ -178,10 +178,12 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
         t = time.time()
         with profile.annotate(step):
           # The metrics since the last log stay on the device, merged there chunk by chunk.
-          state, train_metrics, bad = exp.train_chunk(state, step, n, train_metrics, bad)
+          state, train_metrics, bad = exp.train_chunk(state, step, n, train_metrics)
+        check(unchecked)
+        unchecked = (bad, train_metrics)
         if timing["first_step_s"] is None:  # The first chunk compiles: time it alone.
-          check(bad)
-          bad = None
+          check(unchecked)
+          unchecked = None
           timing["first_step_s"] = time.time() - start_time
           timing["compile_s"] = time.time() - t
           timing["steady_start"] = time.time()
@@ -201,8 +203,8 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
           or step % plan.eval_every == 0
           or step % plan.checkpoint_every == 0
         ):
-          check(bad)  # Before anything is logged, evaluated or saved.
-          bad = None
+          check(unchecked)  # Before anything is logged, evaluated or saved.
+          unchecked = None
           exp.data.raise_if_failed()  # Agreed by all processes: no blank batch is saved.
         if step % plan.log_every == 0 or step == plan.total_steps:
           values = par.to_host(train_metrics).compute()

@@ -77,8 +77,7 @@ class DataParallel:
 
 
 def mean(tree):
-  # One device: nothing to average, and XLA:CPU would still run a collective per call.
-  return tree if jax.lax.axis_size(AXIS) == 1 else jax.lax.pmean(tree, AXIS)
+  return jax.lax.pmean(tree, AXIS)
 
 
 def device_index():
@@ -87,8 +86,6 @@ def device_index():
 
 def gather_metrics(collection):
   """A per-device CLU collection -> the collection over all devices (replicated)."""
-  if jax.lax.axis_size(AXIS) == 1:
-    return collection  # Its own reduction; no collective per metric.
   return jax.lax.all_gather(collection, AXIS).reduce()
 
 

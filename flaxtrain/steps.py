@@ -5,7 +5,6 @@ device's share of the batch, collectives through `parallel`. `experiment.Experim
 builds and compiles these; the loop never calls them directly.
 """
 
-import functools
 import os
 from typing import Any
 
@@ -76,23 +75,10 @@ def _balanced_sum(trees):
 
 
 def make_train_chunk(
-  model,
-  tx,
-  schedule,
-  task,
-  config,
-  dtype,
-  max_steps: int,
-  metrics_cls,
-  num_devices: int,
-  platform: str,
+  model, tx, schedule, task, config, dtype, max_steps: int, metrics_cls, num_devices: int
 ):
   """Per-device: runs up to `num_steps` (<= max_steps) train steps on the chunk's batches."""
   stop_on_nonfinite = config.nonfinite == "error"
-  # How a non-finite step leaves the state as it was: on the CPU a conditional around the
-  # update (no select over the whole state, hence no copies of the old one: ~10% of a tiny
-  # step); elsewhere a select, since an accelerator may wait on the host for a predicate.
-  conditional_update = platform == "cpu" or bool(config.topology_invariant_shards)
   nan_step = int(os.environ.get(NAN_STEP_ENV, -1))
   base_key = jax.random.key(config.seed)
   accum = config.grad_accum_steps
@@ -186,9 +172,7 @@ def make_train_chunk(
       sum(aux) / local,
     )
 
-  def train_step(state, batch, allowed):
-    """-> (state after the step, metrics, finite). Only a finite step that is `allowed` is
-    applied; otherwise params, optimizer state, model state and EMA stay as they were."""
+  def train_step(state, batch):
     # Random draws are pure functions of (seed, step) and the example's (for augmentation
     # and mixing) or the device's (for dropout) position, so resumed runs repeat them exactly.
     step_key = jax.random.fold_in(base_key, state.step)
@@ -224,14 +208,9 @@ def make_train_chunk(
       grads, loss, model_state = parallel.mean((grads, loss, model_state))
     if nan_step >= 0:
       loss = jnp.where(state.step == nan_step, jnp.nan, loss)
-    # NaN or +-inf in the loss or any gradient: one fused pass over each gradient, cheaper
-    # than a sum (whose reduction XLA:CPU splits in several kernels) and never overflowing.
-    finite = functools.reduce(
-      jnp.logical_and,
-      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)],
-      jnp.isfinite(loss),
-    )
-    applied = finite & allowed
+    # One sum over the loss and every gradient: NaN or +-inf anywhere makes it non-finite.
+    # Cheaper than a norm (no squares, which also overflow sooner): ~5% of a tiny step.
+    finite = jnp.isfinite(loss + sum(jnp.sum(g) for g in jax.tree.leaves(grads)))
 
     def update(grads, params, opt_state, ema_params):
       updates, opt_state = tx.update(grads, opt_state, params)
@@ -242,26 +221,20 @@ def make_train_chunk(
       return params, opt_state, ema_params
 
     operands = (grads, state.params, state.opt_state, state.ema_params)
-    if conditional_update:
-      # Also what topology_invariant_shards needs: XLA:CPU contracts a*b + c into one fused
-      # multiply-add depending on what else a fusion holds, e.g. the gradient sum, which
-      # differs by topology. A conditional's branch is a fusion boundary: the update
-      # compiles to the same code on every topology.
+    if shards:
+      # XLA:CPU contracts a*b + c into one fused multiply-add depending on what else a
+      # fusion holds, e.g. the gradient sum, which differs by topology. A conditional's
+      # branch is a fusion boundary: the update compiles to the same code on every topology.
       params, opt_state, ema_params = jax.lax.cond(
-        applied, update, lambda g, p, o, e: (p, o, e), *operands
+        finite, update, lambda g, p, o, e: (p, o, e), *operands
       )
     else:
-      updated = update(*operands)
-      params, opt_state, ema_params = jax.tree.map(
-        lambda n, o: jnp.where(applied, n, o), updated, operands[1:]
-      )
+      params, opt_state, ema_params = update(*operands)
     new = TrainState(
       step=state.step + 1,
       params=params,
       opt_state=opt_state,
-      model_state=jax.tree.map(
-        lambda n, o: jnp.where(applied, n, o), model_state, state.model_state
-      ),
+      model_state=model_state,
       ema_params=ema_params,
     )
     first_device = (device == 0).astype(jnp.float32)
@@ -274,42 +247,40 @@ def make_train_chunk(
     )
     return new, metrics, finite
 
-  def guarded_step(state, batch, bad_before):
+  def guarded_step(state, batch):
     """A non-finite step is never applied: 'error' keeps the state as it was and reports
-    the step in `bad`, after which no step is applied; 'skip' only moves the step counter
-    on. `bad_before`: the first bad step so far (-1: none)."""
+    the step in `bad`; 'skip' only moves the step counter on."""
+    new, metrics, finite = train_step(state, batch)
     if stop_on_nonfinite:
-      allowed = bad_before < 0
-      new, metrics, finite = train_step(state, batch, allowed)
-      new = new.replace(step=jnp.where(finite & allowed, new.step, state.step))
-      return new, metrics, jnp.where(allowed & ~finite, state.step, bad_before)
-    new, metrics, _ = train_step(state, batch, jnp.bool_(True))
-    return new, metrics, bad_before
+      kept, bad = state, jnp.where(finite, -1, state.step).astype(jnp.int32)
+    else:
+      kept, bad = state.replace(step=state.step + 1), jnp.int32(-1)
+    # One select over the whole state, fused by XLA into the update.
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, kept)
+    return new, metrics, bad
 
-  def chunk(state, inputs, num_steps, so_far=None, bad_so_far=None):
-    """-> (state, metrics, first bad step or -1); the metrics merged into `so_far` (e.g.
-    those since the last log) if given. With `bad_so_far` >= 0 (a previous chunk's bad
-    step, not yet read by the host) no step is applied and it is returned as it is."""
-    bad = jnp.int32(-1) if bad_so_far is None else bad_so_far
-    state, metrics, bad = steps_of(state, inputs, num_steps, bad)
+  def chunk(state, inputs, num_steps, so_far=None):
+    """-> (state, metrics, bad step or -1); the metrics merged into `so_far` (e.g. those
+    since the last log) if given."""
+    state, metrics, bad = steps_of(state, inputs, num_steps)
     metrics = parallel.gather_metrics(metrics)
     return state, metrics if so_far is None else so_far.merge(metrics), bad
 
-  def steps_of(state, inputs, num_steps, bad):
+  def steps_of(state, inputs, num_steps):
     if max_steps == 1:
       # No loop: XLA:CPU runs convolutions whose kernels are loop-carried ~15x slower.
-      return guarded_step(state, plan_lib.take(inputs, 0), bad)
+      return guarded_step(state, plan_lib.take(inputs, 0))
 
     def cond(carry):
       i, _, _, bad = carry
       return (i < num_steps) & (bad < 0)
 
     def body(carry):
-      i, state, metrics, bad = carry
-      new, step_metrics, bad = guarded_step(state, plan_lib.take(inputs, i), bad)
+      i, state, metrics, _ = carry
+      new, step_metrics, bad = guarded_step(state, plan_lib.take(inputs, i))
       return i + 1, new, metrics.merge(step_metrics), bad
 
-    carry = (jnp.int32(0), state, metrics_cls.empty(), bad)
+    carry = (jnp.int32(0), state, metrics_cls.empty(), jnp.int32(-1))
     _, state, metrics, bad = jax.lax.while_loop(cond, body, carry)
     return state, metrics, bad
 

@@ -426,7 +426,6 @@ def _lower(config, model_cfg, data: DataSpec, plan, par, batch: int):
     plan.steps_per_dispatch,
     metrics_lib.train_metrics(task.metric_names),
     par.num_devices,
-    par.devices[0].platform,  # The slice's: an accelerator's select, not the CPU's conditional.
   )
   replicated = par.sharding(parallel.REPLICATED)
   state = jax.eval_shape(

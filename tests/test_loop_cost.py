@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from flaxtrain import parallel, steps
+from flaxtrain import parallel
 from flaxtrain.data import memory
 from flaxtrain.experiment import Experiment
 
@@ -71,25 +71,3 @@ def test_ids_go_to_the_devices_once_per_epoch():
   for start in range(5, spe + 1, 5):  # Up to a chunk past the epoch's end.
     assert src.train_batches(start, 5, 5).inputs["idx"] is first
   assert src.train_batches(spe + 5, 5, 5).inputs["idx"] is not first
-
-
-@pytest.mark.parametrize("dispatch", [1, 5])
-def test_a_bad_step_passed_on_stops_every_later_chunk(synthetic_data, monkeypatch, dispatch):
-  """The loop reads the non-finite flag only at log, eval and save boundaries; chunks in
-  between get the flag so far, and none of them applies a step after the bad one."""
-  monkeypatch.setenv(steps.NAN_STEP_ENV, "3")
-  exp = Experiment(tiny_config(steps_per_dispatch=dispatch, log_every_steps=100))
-  par = exp.par
-  state, bad, step = exp.init_state(), None, 0
-  while step < 12:
-    n = min(dispatch, 12 - step)
-    state, _, bad = exp.train_chunk(state, step, n, None, bad)
-    step += n
-  assert int(par.to_host(bad)) == 3
-  assert int(par.to_host(state.step)) == 3  # Steps 0..2 applied, nothing after.
-  want = exp.init_state()
-  for s in range(3):
-    want, _, _ = exp.train_chunk(want, s, 1)
-  got, want = par.to_host(state), par.to_host(want)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    np.testing.assert_array_equal(a, b)
