@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from orbax.checkpoint import multihost
 
 AXIS = "batch"
 REPLICATED = P()
@@ -63,7 +64,8 @@ class DataParallel:
     mapped = jax.shard_map(
       fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
     )
-    return jax.jit(mapped, donate_argnums=donate_argnums)
+    jitted = jax.jit(mapped, donate_argnums=donate_argnums)
+    return jitted if self.num_processes == 1 else _CompiledThenSynced(jitted)
 
   def describe(self) -> str:
     kinds = sorted({d.device_kind for d in self.devices})
@@ -71,6 +73,39 @@ class DataParallel:
       f"{self.num_processes} process(es) x {len(self.local_devices)} local device(s) "
       f"= {self.num_devices} {'/'.join(kinds)} device(s)"
     )
+
+
+class _CompiledThenSynced:
+  """A multi-process program whose first run starts on every process together.
+
+  On the CPU, a program's first collective sets up its Gloo context and gives up after
+  30 s (a fixed limit in XLA) if another process has not arrived: one process still
+  compiling (a busy host, a compilation-cache miss) fails the run. So the first call
+  compiles ahead of time, waits at a barrier of the coordination service (no collective,
+  no 30 s limit), and runs the compiled program from then on.
+  """
+
+  _count = 0
+
+  def __init__(self, jitted):
+    self._jitted = jitted
+    self._compiled = None
+    self.lower = jitted.lower
+
+  def __call__(self, *args):
+    if self._compiled is None:
+      compiled = self._jitted.lower(*args).compile()
+      _CompiledThenSynced._count += 1  # Every process compiles its programs in one order.
+      multihost.get_barrier_sync_fn()(
+        key=f"flaxtrain_compiled_{_CompiledThenSynced._count}", timeout_ms=_COMPILE_SKEW_S * 1000
+      )
+      self._compiled = compiled
+    return self._compiled(*args)
+
+
+# How long a process waits for the others to compile a program (a slow host compiling a
+# large model without the cache).
+_COMPILE_SKEW_S = 3600
 
 
 # Per-device helpers, valid inside functions passed to `DataParallel.compile`.

@@ -392,3 +392,37 @@ def test_a_tracker_that_cannot_start_stops_every_process(real_data_dir, tmp_path
     "flaxtrain: error: Process 0 could not start the experiment trackers (--config.loggers); "
     "its log says why: fix that and run again."
   ], outs[1][-3000:]
+
+
+_LATE_COMPILE = """
+import sys, time
+import jax, numpy as np
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from flaxtrain import parallel
+par = parallel.DataParallel()
+psum = lambda x: jax.lax.psum(x, parallel.AXIS)
+program = par.compile(psum, in_specs=(parallel.BATCH,), out_specs=parallel.REPLICATED)
+x = par.put(np.ones(4, np.float32), parallel.BATCH)
+if par.process_index == 1:
+  time.sleep(35)  # Compiling on a busy host: past XLA's fixed 30 s for a first collective.
+print("sum", float(par.to_host(program(x))[0]), flush=True)
+"""
+
+
+def test_a_process_that_compiles_35_s_late_does_not_fail_the_first_collective():
+  address = f"127.0.0.1:{topology._free_port()}"
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _LATE_COMPILE, address, str(i)],
+      env=topology._env(2),
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      start_new_session=True,
+    )
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+  assert all("sum 4.0" in out for out in outs), outs
