@@ -32,6 +32,19 @@ def _summary(workdir):
   return json.loads((pathlib.Path(workdir) / "summary.json").read_text())
 
 
+def _popen(cmd, env):
+  """A process in its own group (a test can kill the whole group), output captured."""
+  return subprocess.Popen(
+    cmd,
+    env=env,
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    start_new_session=True,
+  )
+
+
 def _start(workdir, port, data_dir, steps, *extra, processes=2, ids=None):
   cmd = topology._cmd(
     workdir, steps, _flags(data_dir, "--config.checkpoint_every_steps=10", *extra)
@@ -368,14 +381,9 @@ def test_a_tracker_that_cannot_start_stops_every_process(real_data_dir, tmp_path
   )
   env = {**topology._env(2), "MLFLOW_TRACKING_URI": "nosuchscheme://nowhere"}
   procs = [
-    subprocess.Popen(
+    _popen(
       cmd + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      env=env,
-      cwd=ROOT,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-      start_new_session=True,
+      env,
     )
     for i in range(2)
   ]
@@ -412,15 +420,7 @@ print("sum", float(par.to_host(program(x))[0]), flush=True)
 def test_a_process_that_compiles_35_s_late_does_not_fail_the_first_collective():
   address = f"127.0.0.1:{topology._free_port()}"
   procs = [
-    subprocess.Popen(
-      [sys.executable, "-c", _LATE_COMPILE, address, str(i)],
-      env=topology._env(2),
-      cwd=ROOT,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-      start_new_session=True,
-    )
+    _popen([sys.executable, "-c", _LATE_COMPILE, address, str(i)], topology._env(2))
     for i in range(2)
   ]
   outs = [p.communicate(timeout=300)[0] for p in procs]
