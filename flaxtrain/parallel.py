@@ -9,6 +9,7 @@ global arrays with `P()` sharding (no stacked copies, no gathers to unreplicate)
 multi-process checkpoints and metrics need no conversion.
 """
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -75,6 +76,13 @@ class DataParallel:
     )
 
 
+# How long a process waits for the others to compile a program (a slow host compiling a
+# large model without the cache).
+_COMPILE_SKEW_S = 3600
+# Barrier keys must be unique; every process compiles its programs in one order.
+_BARRIER_IDS = itertools.count(1)
+
+
 class _CompiledThenSynced:
   """A multi-process program whose first run starts on every process together.
 
@@ -85,8 +93,6 @@ class _CompiledThenSynced:
   no 30 s limit), and runs the compiled program from then on.
   """
 
-  _count = 0
-
   def __init__(self, jitted):
     self._jitted = jitted
     self._compiled = None
@@ -95,17 +101,11 @@ class _CompiledThenSynced:
   def __call__(self, *args):
     if self._compiled is None:
       compiled = self._jitted.lower(*args).compile()
-      _CompiledThenSynced._count += 1  # Every process compiles its programs in one order.
       multihost.get_barrier_sync_fn()(
-        key=f"flaxtrain_compiled_{_CompiledThenSynced._count}", timeout_ms=_COMPILE_SKEW_S * 1000
+        key=f"flaxtrain_compiled_{next(_BARRIER_IDS)}", timeout_ms=_COMPILE_SKEW_S * 1000
       )
       self._compiled = compiled
     return self._compiled(*args)
-
-
-# How long a process waits for the others to compile a program (a slow host compiling a
-# large model without the cache).
-_COMPILE_SKEW_S = 3600
 
 
 # Per-device helpers, valid inside functions passed to `DataParallel.compile`.
