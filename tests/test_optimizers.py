@@ -34,11 +34,14 @@ def test_every_optimizer_and_schedule_lowers_a_quadratic(opt, sched):
   )
   params = {"w": jnp.full((3, 2), 2.0), "b": jnp.full((2,), -1.0)}
   loss = lambda p: sum(jnp.sum((x - 0.5) ** 2) for x in jax.tree.leaves(p))
-  state = tx.init(params)
   start = loss(params)
-  for _ in range(100):
+
+  def step(_, carry):  # One compiled loop: 100 eager updates dispatch thousands of ops.
+    params, state = carry
     updates, state = tx.update(jax.grad(loss)(params), state, params)
-    params = optax.apply_updates(params, updates)
+    return optax.apply_updates(params, updates), state
+
+  params, _ = jax.jit(lambda p: jax.lax.fori_loop(0, 100, step, (p, tx.init(p))))(params)
   assert loss(params) < 0.5 * start
   assert float(schedule(0)) >= 0
 
@@ -93,11 +96,8 @@ def _resnet_params():
 
   model = resnet.ResNet(4, stage_sizes=(2, 1), width=4, stem="small")
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
-  leaves, treedef = jax.tree.flatten(shapes)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  return treedef.unflatten(
-    [jax.random.normal(k, s.shape) for k, s in zip(keys, leaves, strict=True)]
-  )
+  rng = np.random.default_rng(1)  # NumPy's: jax.random compiles a program for every shape.
+  return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), jnp.float32), shapes)
 
 
 def _vit_params():
