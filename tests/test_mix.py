@@ -189,6 +189,9 @@ MIXING = {
 }
 
 
+# Only in make test; on the newest stack test_mixed_batch_does_not_depend_on_the_device_split
+# covers it.
+@pytest.mark.slow
 def test_mixed_training_is_bitwise_the_same_on_one_and_four_devices(synthetic_data, monkeypatch):
   calls = []
   monkeypatch.setattr(mix, "apply", lambda *a: calls.append(a[3]) or _MIX_APPLY(*a))

@@ -144,6 +144,8 @@ def test_im2col_falls_back_to_xla_for_other_convolutions():
   assert "conv_general_dilated" not in str(jaxpr)  # At the limit: im2col (a matmul).
 
 
+# Only in make test; on the newest stack test_im2col_conv_is_xlas_convolution_... covers it.
+@pytest.mark.slow
 def test_cnn_conv_implementations_share_parameters_and_outputs():
   import ml_collections
 

@@ -70,6 +70,8 @@ def test_batchnorm_training_does_not_depend_on_the_device_count(synthetic_data):
 # ---------------------------------------------------------------------- EMA
 
 
+# Only in make test; on the newest stack test_ema_is_saved_and_restored_... trains with EMA.
+@pytest.mark.slow
 def test_ema_follows_the_decay_recursion_and_is_evaluated(synthetic_data):
   c = tiny_config(ema_decay=0.9)
   exp = experiment.Experiment(c)
@@ -101,6 +103,9 @@ def test_ema_is_saved_and_restored_with_the_checkpoint(synthetic_data, tmp_path,
 # ------------------------------------------------------ gradient accumulation
 
 
+# Only in make test; on the newest stack test_nnx_vit_with_bf16_accumulation_... (test_user_models)
+# accumulates.
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(synthetic_data):
   one = experiment.Experiment(tiny_config())
   accumulated = experiment.Experiment(tiny_config(grad_accum_steps=4))
@@ -124,6 +129,9 @@ def _equal_bits(a, b):
   )
 
 
+# Only in make test; on the newest stack the test below runs the same path; the 2-process
+# bitwise run (test_multiprocess) checks the bits.
+@pytest.mark.slow
 def test_topology_invariant_shards_give_the_same_bits_on_1_2_and_4_devices(synthetic_data):
   """Params and AdamW state bitwise equal after 6 steps, with dropout and augmentation on
   (whose keys follow the shard and the example, not the device)."""
@@ -188,7 +196,8 @@ def _aug_cfg(**kw):
   return ml_collections.ConfigDict({"crop_padding": 0, "flip": False, "erase_prob": 0.0, **kw})
 
 
-# Only in make test; on the newest stack test_mix's bitwise 1-vs-4-device run covers it.
+# Only in make test; on the newest stack test_mixed_batch_does_not_depend_on_the_device_split
+# and test_randaugment's test_the_same_on_one_device_and_split_over_four cover it.
 @pytest.mark.slow
 def test_augmentation_is_per_example_and_independent_of_the_device_split():
   images = jnp.asarray(np.random.default_rng(0).random((8, 28, 28, 1)), jnp.float32)
@@ -224,7 +233,8 @@ def test_flip_mirrors_and_crop_shifts():
   assert sum(bool(jnp.all(c == image[0])) for c in cropped) < 16
 
 
-# Only in make test; on the newest stack test_mix's bitwise 1-vs-4-device run covers it.
+# Only in make test; on the newest stack test_mixed_batch_does_not_depend_on_the_device_split
+# and test_randaugment's test_the_same_on_one_device_and_split_over_four cover it.
 @pytest.mark.slow
 def test_augmented_training_is_identical_on_one_and_four_devices(synthetic_data):
   c = tiny_config(**{"augment.crop_padding": 2, "augment.flip": True, "augment.erase_prob": 0.5})
@@ -322,14 +332,15 @@ def test_top5_accuracy_is_reported_for_ten_classes(synthetic_data):
 # ------------------------------------------------------------- recipe smoke runs
 
 
+# Only in make test: on the newest stack test_batchnorm_... trains a ResNet, test_models builds
+# every registered model and test_autoencoder_loss_falls_... trains the autoencoder.
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "name,shape",
   [
-    # ResNet-18's compile is the longest here: on the newest stack fashion_resnet stands
-    # for the ResNets, and the autoencoder trains in test_autoencoder_loss_falls_....
-    pytest.param("cifar10_resnet18", (32, 32, 3), marks=pytest.mark.slow),
+    ("cifar10_resnet18", (32, 32, 3)),
     ("fashion_resnet", (28, 28, 1)),
-    pytest.param("fashion_autoencoder", (28, 28, 1), marks=pytest.mark.slow),
+    ("fashion_autoencoder", (28, 28, 1)),
   ],
 )
 def test_recipe_configs_take_steps(monkeypatch, name, shape):
