@@ -5,6 +5,7 @@ device's share of the batch, collectives through `parallel`. `experiment.Experim
 builds and compiles these; the loop never calls them directly.
 """
 
+import functools
 import os
 from typing import Any
 
@@ -65,6 +66,15 @@ def ema_decay_at(step, decay: float):
   """EMA decay with warm-up: early averages are not dominated by the random init."""
   step = step.astype(jnp.float32)
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def all_finite(loss, grads) -> jax.Array:
+  """Whether the loss and every gradient are free of NaN and +-inf: one fused pass over
+  each gradient (cheaper on XLA:CPU than a sum, whose reduction it splits in several
+  kernels), and never a false alarm from a sum of large finite values overflowing."""
+  return functools.reduce(
+    jnp.logical_and, [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)], jnp.isfinite(loss)
+  )
 
 
 def _balanced_sum(trees):
@@ -208,9 +218,8 @@ def make_train_chunk(
       grads, loss, model_state = parallel.mean((grads, loss, model_state))
     if nan_step >= 0:
       loss = jnp.where(state.step == nan_step, jnp.nan, loss)
-    # One sum over the loss and every gradient: NaN or +-inf anywhere makes it non-finite.
-    # Cheaper than a norm (no squares, which also overflow sooner): ~5% of a tiny step.
-    finite = jnp.isfinite(loss + sum(jnp.sum(g) for g in jax.tree.leaves(grads)))
+    # From the averaged loss and gradients: every device decides the same.
+    finite = all_finite(loss, grads)
 
     def update(grads, params, opt_state, ema_params):
       updates, opt_state = tx.update(grads, opt_state, params)

@@ -1,11 +1,12 @@
 """What the loop's cheap paths must keep: the same metrics and the same data order."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
 
-from flaxtrain import parallel
+from flaxtrain import parallel, steps
 from flaxtrain.data import memory
 from flaxtrain.experiment import Experiment
 
@@ -71,3 +72,12 @@ def test_ids_go_to_the_devices_once_per_epoch():
   for start in range(5, spe + 1, 5):  # Up to a chunk past the epoch's end.
     assert src.train_batches(start, 5, 5).inputs["idx"] is first
   assert src.train_batches(spe + 5, 5, 5).inputs["idx"] is not first
+
+
+def test_the_non_finite_guard_sees_nan_and_inf_and_no_overflow():
+  """all(isfinite) per gradient: large finite gradients whose sum overflows are finite."""
+  big = {"a": jnp.full((4,), 3e38, jnp.float32), "b": jnp.ones((2, 2), jnp.float32)}
+  assert bool(steps.all_finite(jnp.float32(1.0), big))
+  for bad in (jnp.nan, jnp.inf, -jnp.inf):
+    assert not bool(steps.all_finite(jnp.float32(bad), big))
+    assert not bool(steps.all_finite(jnp.float32(1.0), {**big, "b": big["b"].at[1, 0].set(bad)}))
