@@ -611,3 +611,53 @@ def test_cli_manual_dataset_error(tmp_path, capsys, offline):
 def test_cli_bad_usage(tmp_path, capsys, args):
   code, _, err = run_cli(capsys, *args)
   assert code == 2 and "usage: python -m flaxtrain.datasets NAME [DATA_DIR]" in err
+
+
+# ------------------------------------------------------------ decoded copies of splits
+
+
+def test_a_decoded_copy_is_read_next_time_and_decoded_again_when_stale(tmp_path, caplog):
+  """The second load reads the .npz beside the prepared files instead of decoding; data
+  prepared again, or a damaged copy, is decoded again (and said so), never served stale."""
+  caplog.set_level("INFO")
+  first = memory.load("flaxtrain_tiny_images", data_dir=str(tmp_path))
+  (version_dir,) = {p.parent.parent for p in tmp_path.rglob(f"{memory.DECODED_DIR}/*.npz")}
+  copies = sorted(version_dir.glob(f"{memory.DECODED_DIR}/*.npz"))
+  assert [p.name.split("-")[0] for p in copies] == ["test", "train"]
+
+  def no_decoding(*_):
+    raise AssertionError("decoded again")
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(memory, "_read_split", no_decoding)
+    mp.setattr(memory, "_read_records", no_decoding)
+    again = memory.load("flaxtrain_tiny_images", data_dir=str(tmp_path))
+  assert again[0] == first[0]
+  for a, b in zip(first[1:], again[1:], strict=True):
+    assert all(np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+  copies[1].write_bytes(copies[1].read_bytes()[:100])  # Damaged: decoded and written again.
+  caplog.clear()
+  damaged = memory.load("flaxtrain_tiny_images", data_dir=str(tmp_path))
+  assert np.array_equal(damaged[1]["image"], first[1]["image"])
+  assert "Could not read the decoded copy" in caplog.text
+  assert copies[1].stat().st_size > 100
+
+  prepared = next(p for p in version_dir.iterdir() if ".tfrecord" in p.name)
+  os.utime(prepared, ns=(0, 0))  # Prepared again: a new fingerprint, the old copies go.
+  memory.load("flaxtrain_tiny_images", data_dir=str(tmp_path))
+  assert sorted(version_dir.glob(f"{memory.DECODED_DIR}/*.npz")) != copies
+  assert len(list(version_dir.glob(f"{memory.DECODED_DIR}/*"))) == 2  # No temporary files.
+
+
+def test_a_copy_that_cannot_be_written_is_said_and_the_load_goes_on(tmp_path, caplog):
+  """E.g. a read-only data dir: one warning, the decoded split, no file left behind."""
+  memory.load("flaxtrain_tiny_images", data_dir=str(tmp_path))
+  (copies,) = tmp_path.rglob(memory.DECODED_DIR)
+  shutil.rmtree(copies)
+  copies.write_text("not a directory")  # Where the copies would go: unwritable.
+  caplog.set_level("INFO")
+  spec, train, _ = memory.load("flaxtrain_tiny_images", data_dir=str(tmp_path))
+  assert spec.num_train == len(train["label"]) == 6
+  assert "Could not keep a decoded copy of split train" in caplog.text
+  assert sorted(p.name for p in copies.parent.iterdir() if p.name.startswith(".")) == []
