@@ -229,21 +229,40 @@ def make_train_chunk(
         ema_params = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema_params, params)
       return params, opt_state, ema_params
 
+    def keep(grads, params, opt_state, ema_params):
+      return params, opt_state, ema_params
+
+    def conditional(*operands):
+      # No select over the whole state: no copies of the old state inside the loop.
+      return jax.lax.cond(finite, update, keep, *operands)
+
+    def selected(*operands):
+      # An accelerator would wait on the predicate before either branch: a select instead.
+      return jax.tree.map(lambda n, o: jnp.where(finite, n, o), update(*operands), keep(*operands))
+
     operands = (grads, state.params, state.opt_state, state.ema_params)
     if shards:
       # XLA:CPU contracts a*b + c into one fused multiply-add depending on what else a
       # fusion holds, e.g. the gradient sum, which differs by topology. A conditional's
       # branch is a fusion boundary: the update compiles to the same code on every topology.
-      params, opt_state, ema_params = jax.lax.cond(
-        finite, update, lambda g, p, o, e: (p, o, e), *operands
-      )
+      params, opt_state, ema_params = conditional(*operands)
     else:
-      params, opt_state, ema_params = update(*operands)
+      # Picked when the program is lowered, for the platform it is lowered for (describe
+      # --topology lowers for an accelerator): the conditional on the CPU.
+      params, opt_state, ema_params = jax.lax.platform_dependent(
+        *operands, cpu=conditional, default=selected
+      )
+    if stop_on_nonfinite:  # 'error' keeps the step; 'skip' only moves the counter on.
+      next_step = jnp.where(finite, state.step + 1, state.step)
+    else:
+      next_step = state.step + 1
     new = TrainState(
-      step=state.step + 1,
+      step=next_step,
       params=params,
       opt_state=opt_state,
-      model_state=model_state,
+      model_state=jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o), model_state, state.model_state
+      ),
       ema_params=ema_params,
     )
     first_device = (device == 0).astype(jnp.float32)
@@ -257,15 +276,14 @@ def make_train_chunk(
     return new, metrics, finite
 
   def guarded_step(state, batch):
-    """A non-finite step is never applied: 'error' keeps the state as it was and reports
-    the step in `bad`; 'skip' only moves the step counter on."""
+    """A non-finite step is never applied (`train_step` keeps params, optimizer and model
+    state): 'error' also keeps the step counter and reports the step in `bad`; 'skip' only
+    moves the step counter on."""
     new, metrics, finite = train_step(state, batch)
     if stop_on_nonfinite:
-      kept, bad = state, jnp.where(finite, -1, state.step).astype(jnp.int32)
+      bad = jnp.where(finite, -1, state.step).astype(jnp.int32)
     else:
-      kept, bad = state.replace(step=state.step + 1), jnp.int32(-1)
-    # One select over the whole state, fused by XLA into the update.
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, kept)
+      bad = jnp.int32(-1)
     return new, metrics, bad
 
   def chunk(state, inputs, num_steps, so_far=None):

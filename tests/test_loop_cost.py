@@ -81,3 +81,40 @@ def test_the_non_finite_guard_sees_nan_and_inf_and_no_overflow():
   for bad in (jnp.nan, jnp.inf, -jnp.inf):
     assert not bool(steps.all_finite(jnp.float32(bad), big))
     assert not bool(steps.all_finite(jnp.float32(1.0), {**big, "b": big["b"].at[1, 0].set(bad)}))
+
+
+def _leaves(par, tree):
+  return jax.tree.leaves(par.to_host(tree))
+
+
+@pytest.mark.parametrize("nonfinite", ["error", "skip"])
+@pytest.mark.parametrize("dispatch", [1, 5])
+def test_a_non_finite_step_applies_nothing(synthetic_data, monkeypatch, dispatch, nonfinite):
+  """Params, optimizer and model state after a NaN step at step 3 are bitwise those after
+  steps 0..2; 'error' keeps the step counter and reports the step, 'skip' moves it on."""
+  monkeypatch.setenv(steps.NAN_STEP_ENV, "3")
+  exp = Experiment(
+    tiny_config(
+      steps_per_dispatch=dispatch, log_every_steps=100, nonfinite=nonfinite, ema_decay=0.5
+    )
+  )
+  par = exp.par
+
+  def run(num_steps):
+    state, step, bad, metrics = exp.init_state(), 0, None, None
+    while step < num_steps:
+      n = min(dispatch, num_steps - step)
+      state, metrics, bad = exp.train_chunk(state, step, n, metrics)
+      step += n
+    return state, metrics, int(par.to_host(bad))
+
+  want, _, bad = run(3)
+  assert bad == -1
+  got, metrics, bad = run(4)
+  assert bad == (3 if nonfinite == "error" else -1)
+  assert int(par.to_host(got.step)) == (3 if nonfinite == "error" else 4)
+  assert int(par.to_host(metrics).compute()["nonfinite_steps"]) == 1
+  for part in ("params", "opt_state", "model_state", "ema_params"):
+    a, b = _leaves(par, getattr(got, part)), _leaves(par, getattr(want, part))
+    for x, y in zip(a, b, strict=True):
+      np.testing.assert_array_equal(x, y, err_msg=part)
