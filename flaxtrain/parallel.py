@@ -112,7 +112,8 @@ class _CompiledThenSynced:
 
 
 def mean(tree):
-  return jax.lax.pmean(tree, AXIS)
+  # One device: nothing to average (x / 1), and XLA:CPU would still run a collective.
+  return tree if jax.lax.axis_size(AXIS) == 1 else jax.lax.pmean(tree, AXIS)
 
 
 def device_index():
@@ -121,6 +122,8 @@ def device_index():
 
 def gather_metrics(collection):
   """A per-device CLU collection -> the collection over all devices (replicated)."""
+  if jax.lax.axis_size(AXIS) == 1:
+    return collection  # Its own reduction; no all-gather per metric.
   return jax.lax.all_gather(collection, AXIS).reduce()
 
 

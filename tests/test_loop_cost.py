@@ -118,3 +118,18 @@ def test_a_non_finite_step_applies_nothing(synthetic_data, monkeypatch, dispatch
     a, b = _leaves(par, getattr(got, part)), _leaves(par, getattr(want, part))
     for x, y in zip(a, b, strict=True):
       np.testing.assert_array_equal(x, y, err_msg=part)
+
+
+@pytest.mark.parametrize("dispatch", [1, 5])
+def test_one_device_runs_no_collective(synthetic_data, dispatch):
+  """On one device the mean and the metrics' gather are the values themselves: the train
+  chunk compiles without an all-reduce or all-gather (XLA:CPU would run each of them)."""
+  par = parallel.DataParallel(jax.devices()[:1])
+  exp = Experiment(tiny_config(steps_per_dispatch=dispatch), par)
+  state = exp.init_state()
+  exp.train_chunk(state, 0, 1)  # Compiles it with the input's specs.
+  batches = exp.data.train_batches(0, 1, dispatch)
+  hlo = (
+    exp._train_chunk.lower(state, batches.inputs, np.int32(1), exp._no_metrics).compile().as_text()
+  )
+  assert "all-reduce" not in hlo and "all-gather" not in hlo
