@@ -161,3 +161,23 @@ def test_cnn_conv_implementations_share_parameters_and_outputs():
   cfgs["xla"].conv = "fft"
   with pytest.raises(UserError, match="model.conv must be one of auto, xla, im2col"):
     models.get(cfgs["xla"], 10)
+
+
+@pytest.mark.parametrize("name", ["fashion_cnn", "fashion_resnet"])
+def test_initial_state_is_the_initializer_at_xlas_default_optimization(name):
+  """steps.init_state compiles the initializer at a lower LLVM level on the CPU (seconds
+  faster); the values must be bitwise those of the default compile."""
+  from flaxtrain import optimizers, parallel, steps
+
+  cfg = load_config(name)
+  model = models.get(cfg.model, num_classes=10)
+  tx, _ = optimizers.make(cfg.optimizer, cfg.schedule, steps_per_epoch=10, total_steps=100)
+  par = parallel.DataParallel(jax.devices()[:1])
+  state = steps.init_state(model, tx, (28, 28, 1), 3, par)
+  x = jnp.zeros((1, 28, 28, 1))
+  want = jax.jit(lambda: model.init({"params": jax.random.key(3)}, x, train=False))()
+  got = {"params": state.params, **state.model_state}
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  assert all(
+    np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+  )
