@@ -209,7 +209,7 @@ class Experiment:
       self.train_metrics,
       par.num_devices,
     )
-    self._train_chunk = self._no_metrics = None
+    self._train_chunk = self._no_metrics = self._no_bad = None
     self._evaluate, self._predict = {}, {}  # Compiled per eval chunk length.
 
   # ------------------------------------------------------------- state
@@ -247,24 +247,30 @@ class Experiment:
 
   # ------------------------------------------------------------- steps
 
-  def train_chunk(self, state: TrainState, start_step: int, num_steps: int, so_far=None):
+  def train_chunk(
+    self, state: TrainState, start_step: int, num_steps: int, so_far=None, bad_so_far=None
+  ):
     """Runs steps start_step+1..start_step+num_steps; returns (state, metrics, bad step).
 
     The metrics are this chunk's merged into `so_far` (metrics a previous call returned;
-    None: nothing yet), on the device: the loop reads them only when it logs.
+    None: nothing yet), on the device: the loop reads them only when it logs. Likewise
+    `bad_so_far`, the bad step a previous call returned: if it is one (>= 0), this chunk
+    applies no step and returns it, so the loop need not read it after every chunk.
     """
     batches = self.data.train_batches(start_step, num_steps, self.plan.steps_per_dispatch)
     if self._train_chunk is None:  # Compiled at the first chunk, with the input's specs.
       self._train_chunk = self.par.compile(
         self._chunk_fn,
-        in_specs=(parallel.REPLICATED, batches.specs, parallel.REPLICATED, parallel.REPLICATED),
+        in_specs=(parallel.REPLICATED, batches.specs, *[parallel.REPLICATED] * 3),
         out_specs=parallel.REPLICATED,
         donate_argnums=(0,),
       )
       # Never donated: one copy starts every log period.
       self._no_metrics = self.par.replicate(self.train_metrics.empty())
+      self._no_bad = self.par.replicate(np.int32(-1))
     so_far = self._no_metrics if so_far is None else so_far
-    return self._train_chunk(state, batches.inputs, np.int32(num_steps), so_far)
+    bad_so_far = self._no_bad if bad_so_far is None else bad_so_far
+    return self._train_chunk(state, batches.inputs, np.int32(num_steps), so_far, bad_so_far)
 
   def evaluate(self, state: TrainState) -> dict:
     """Exact metrics over the whole eval split: every example counted once."""

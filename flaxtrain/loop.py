@@ -5,6 +5,7 @@ state -> restore -> loop (train chunks; log, eval, checkpoint exactly on their s
 wait -> summary. The loop never asks which data source or model it has.
 """
 
+import collections
 import contextlib
 import os
 import time
@@ -27,6 +28,13 @@ from flaxtrain import (
 )
 from flaxtrain.errors import UserError
 from flaxtrain.experiment import Experiment
+
+# How many chunks the host may dispatch ahead of the device. XLA:CPU admits at most 32
+# computations in flight per device, and a program whose launch on one device waits for a
+# slot there, while a later program took it, leaves the other devices in its collective
+# rendezvous forever (3 of 4 devices arrive; XLA aborts after 40 s): the host must not run
+# that far ahead. A few chunks keep the device busy as well as more would.
+MAX_CHUNKS_AHEAD = 4
 
 
 class TrainingError(UserError):
@@ -160,17 +168,20 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
         "epoch_ends": [],
       }
       eval_result = None
-      # The non-finite flag of the chunk before this one: checked after the next chunk is
-      # dispatched, so the host never waits for the device inside the loop (at most two
-      # chunks in flight). A bad chunk is never saved: every save checks first.
-      unchecked = None
+      # The first non-finite step since the last check (-1: none), on the device: each
+      # chunk passes it to the next, which applies no step after one. Read only before
+      # anything is logged, evaluated or saved; a bad step is never applied, and nothing
+      # after it is saved. In between, the host only waits for the chunk MAX_CHUNKS_AHEAD
+      # back to finish (no transfer).
+      bad = None
+      in_flight = collections.deque()
 
-      def check(chunk):
-        if chunk is not None:
-          bad, metrics = chunk
+      def check(bad):
+        in_flight.clear()  # Reading the newest flag waits for every chunk before it.
+        if bad is not None:
           bad = int(par.to_host(bad))
           if bad >= 0:
-            _fail_nonfinite(bad, par.to_host(metrics).compute(), ckpt, writer)
+            _fail_nonfinite(bad, par.to_host(train_metrics).compute(), ckpt, writer)
 
       while step < plan.total_steps:
         n = plan.next_stop(step) - step
@@ -178,12 +189,13 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
         t = time.time()
         with profile.annotate(step):
           # The metrics since the last log stay on the device, merged there chunk by chunk.
-          state, train_metrics, bad = exp.train_chunk(state, step, n, train_metrics)
-        check(unchecked)
-        unchecked = (bad, train_metrics)
+          state, train_metrics, bad = exp.train_chunk(state, step, n, train_metrics, bad)
+        in_flight.append(bad)
+        if len(in_flight) > MAX_CHUNKS_AHEAD:
+          jax.block_until_ready(in_flight.popleft())
         if timing["first_step_s"] is None:  # The first chunk compiles: time it alone.
-          check(unchecked)
-          unchecked = None
+          check(bad)
+          bad = None
           timing["first_step_s"] = time.time() - start_time
           timing["compile_s"] = time.time() - t
           timing["steady_start"] = time.time()
@@ -203,8 +215,8 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
           or step % plan.eval_every == 0
           or step % plan.checkpoint_every == 0
         ):
-          check(unchecked)  # Before anything is logged, evaluated or saved.
-          unchecked = None
+          check(bad)  # Before anything is logged, evaluated or saved.
+          bad = None
           exp.data.raise_if_failed()  # Agreed by all processes: no blank batch is saved.
         if step % plan.log_every == 0 or step == plan.total_steps:
           values = par.to_host(train_metrics).compute()

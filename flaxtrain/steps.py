@@ -182,7 +182,9 @@ def make_train_chunk(
       sum(aux) / local,
     )
 
-  def train_step(state, batch):
+  def train_step(state, batch, allowed):
+    """-> (state after the step, metrics, finite). Only a finite step that is `allowed` is
+    applied; otherwise params, optimizer state, model state and EMA stay as they were."""
     # Random draws are pure functions of (seed, step) and the example's (for augmentation
     # and mixing) or the device's (for dropout) position, so resumed runs repeat them exactly.
     step_key = jax.random.fold_in(base_key, state.step)
@@ -220,6 +222,7 @@ def make_train_chunk(
       loss = jnp.where(state.step == nan_step, jnp.nan, loss)
     # From the averaged loss and gradients: every device decides the same.
     finite = all_finite(loss, grads)
+    applied = finite & allowed  # The same on every device: both are.
 
     def update(grads, params, opt_state, ema_params):
       updates, opt_state = tx.update(grads, opt_state, params)
@@ -234,11 +237,11 @@ def make_train_chunk(
 
     def conditional(*operands):
       # No select over the whole state: no copies of the old state inside the loop.
-      return jax.lax.cond(finite, update, keep, *operands)
+      return jax.lax.cond(applied, update, keep, *operands)
 
     def selected(*operands):
       # An accelerator would wait on the predicate before either branch: a select instead.
-      return jax.tree.map(lambda n, o: jnp.where(finite, n, o), update(*operands), keep(*operands))
+      return jax.tree.map(lambda n, o: jnp.where(applied, n, o), update(*operands), keep(*operands))
 
     operands = (grads, state.params, state.opt_state, state.ema_params)
     if shards:
@@ -253,7 +256,7 @@ def make_train_chunk(
         *operands, cpu=conditional, default=selected
       )
     if stop_on_nonfinite:  # 'error' keeps the step; 'skip' only moves the counter on.
-      next_step = jnp.where(finite, state.step + 1, state.step)
+      next_step = jnp.where(applied, state.step + 1, state.step)
     else:
       next_step = state.step + 1
     new = TrainState(
@@ -261,7 +264,7 @@ def make_train_chunk(
       params=params,
       opt_state=opt_state,
       model_state=jax.tree.map(
-        lambda n, o: jnp.where(finite, n, o), model_state, state.model_state
+        lambda n, o: jnp.where(applied, n, o), model_state, state.model_state
       ),
       ema_params=ema_params,
     )
@@ -275,39 +278,42 @@ def make_train_chunk(
     )
     return new, metrics, finite
 
-  def guarded_step(state, batch):
+  def guarded_step(state, batch, bad_before):
     """A non-finite step is never applied (`train_step` keeps params, optimizer and model
-    state): 'error' also keeps the step counter and reports the step in `bad`; 'skip' only
-    moves the step counter on."""
-    new, metrics, finite = train_step(state, batch)
+    state): 'error' also keeps the step counter, reports the step in `bad` and applies no
+    step after it; 'skip' only moves the step counter on. `bad_before`: the first bad step
+    so far (-1: none)."""
     if stop_on_nonfinite:
-      bad = jnp.where(finite, -1, state.step).astype(jnp.int32)
-    else:
-      bad = jnp.int32(-1)
-    return new, metrics, bad
+      allowed = bad_before < 0
+      new, metrics, finite = train_step(state, batch, allowed)
+      return new, metrics, jnp.where(allowed & ~finite, state.step, bad_before)
+    new, metrics, _ = train_step(state, batch, jnp.bool_(True))
+    return new, metrics, bad_before
 
-  def chunk(state, inputs, num_steps, so_far=None):
-    """-> (state, metrics, bad step or -1); the metrics merged into `so_far` (e.g. those
-    since the last log) if given."""
-    state, metrics, bad = steps_of(state, inputs, num_steps)
+  def chunk(state, inputs, num_steps, so_far=None, bad_so_far=None):
+    """-> (state, metrics, first bad step or -1); the metrics merged into `so_far` (e.g.
+    those since the last log) if given. With `bad_so_far` >= 0 (a previous chunk's bad
+    step, not yet read by the host) no step is applied and it is returned as it is."""
+    bad = jnp.int32(-1) if bad_so_far is None else bad_so_far
+    state, metrics, bad = steps_of(state, inputs, num_steps, bad)
     metrics = parallel.gather_metrics(metrics)
     return state, metrics if so_far is None else so_far.merge(metrics), bad
 
-  def steps_of(state, inputs, num_steps):
+  def steps_of(state, inputs, num_steps, bad):
     if max_steps == 1:
       # No loop: XLA:CPU runs convolutions whose kernels are loop-carried ~15x slower.
-      return guarded_step(state, plan_lib.take(inputs, 0))
+      return guarded_step(state, plan_lib.take(inputs, 0), bad)
 
     def cond(carry):
       i, _, _, bad = carry
       return (i < num_steps) & (bad < 0)
 
     def body(carry):
-      i, state, metrics, _ = carry
-      new, step_metrics, bad = guarded_step(state, plan_lib.take(inputs, i))
+      i, state, metrics, bad = carry
+      new, step_metrics, bad = guarded_step(state, plan_lib.take(inputs, i), bad)
       return i + 1, new, metrics.merge(step_metrics), bad
 
-    carry = (jnp.int32(0), state, metrics_cls.empty(), jnp.int32(-1))
+    carry = (jnp.int32(0), state, metrics_cls.empty(), bad)
     _, state, metrics, bad = jax.lax.while_loop(cond, body, carry)
     return state, metrics, bad
 

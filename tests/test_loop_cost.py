@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from flaxtrain import parallel, steps
+from flaxtrain import loop, parallel, steps
 from flaxtrain.data import memory
 from flaxtrain.experiment import Experiment
 
@@ -130,6 +130,64 @@ def test_one_device_runs_no_collective(synthetic_data, dispatch):
   exp.train_chunk(state, 0, 1)  # Compiles it with the input's specs.
   batches = exp.data.train_batches(0, 1, dispatch)
   hlo = (
-    exp._train_chunk.lower(state, batches.inputs, np.int32(1), exp._no_metrics).compile().as_text()
+    exp._train_chunk.lower(state, batches.inputs, np.int32(1), exp._no_metrics, exp._no_bad)
+    .compile()
+    .as_text()
   )
   assert "all-reduce" not in hlo and "all-gather" not in hlo
+
+
+@pytest.mark.parametrize("dispatch", [1, 5])
+def test_a_bad_step_passed_on_stops_every_later_chunk(synthetic_data, monkeypatch, dispatch):
+  """The loop reads the non-finite flag only at log, eval and save boundaries; chunks in
+  between get the flag so far, and none of them applies a step after the bad one."""
+  monkeypatch.setenv(steps.NAN_STEP_ENV, "3")
+  exp = Experiment(tiny_config(steps_per_dispatch=dispatch, log_every_steps=100))
+  par = exp.par
+  state, bad, step = exp.init_state(), None, 0
+  while step < 12:
+    n = min(dispatch, 12 - step)
+    state, _, bad = exp.train_chunk(state, step, n, None, bad)
+    step += n
+  assert int(par.to_host(bad)) == 3
+  assert int(par.to_host(state.step)) == 3  # Steps 0..2 applied, nothing after.
+  want = exp.init_state()
+  for s in range(3):
+    want, _, _ = exp.train_chunk(want, s, 1)
+  for a, b in zip(_leaves(par, state), _leaves(par, want), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_the_host_dispatches_at_most_a_few_chunks_ahead(synthetic_data, tmp_path, monkeypatch):
+  """The host never reads the non-finite flag between logs, but it still waits for the
+  chunk MAX_CHUNKS_AHEAD back: XLA:CPU deadlocks a multi-device collective when a device
+  has 32 computations in flight (tests/test_real_data.py on 4 devices, every time)."""
+  dispatched, done = [], [-1]
+  real_chunk, real_wait = Experiment.train_chunk, jax.block_until_ready
+  real_to_host = parallel.DataParallel.to_host
+
+  def mark_done(x):
+    for i, bad in enumerate(dispatched):
+      if bad is x:
+        done[0] = max(done[0], i)  # A flag is ready once its chunk and all before are.
+
+  def train_chunk(self, *args, **kwargs):
+    assert len(dispatched) - 1 - done[0] <= loop.MAX_CHUNKS_AHEAD, "too many chunks in flight"
+    out = real_chunk(self, *args, **kwargs)
+    dispatched.append(out[2])
+    return out
+
+  def wait(x):
+    mark_done(x)
+    return real_wait(x)
+
+  def to_host(self, tree):
+    mark_done(tree)
+    return real_to_host(self, tree)
+
+  monkeypatch.setattr(Experiment, "train_chunk", train_chunk)
+  monkeypatch.setattr(jax, "block_until_ready", wait)
+  monkeypatch.setattr(parallel.DataParallel, "to_host", to_host)
+  config = tiny_config(steps_per_dispatch=1, num_train_steps=30, log_every_steps=30)
+  loop.train_and_evaluate(config, str(tmp_path))
+  assert len(dispatched) == 30 and done[0] == 29
