@@ -285,7 +285,12 @@ class Experiment:
           in_specs=(parallel.REPLICATED, batches.specs),
           out_specs=parallel.REPLICATED,
         )
-      chunk = self._evaluate[num_steps](state, batches.inputs)  # No host wait between chunks.
+      chunk = self._evaluate[num_steps](state, batches.inputs)
+      # The host prepares the next chunk while this one runs, but waits for the one before
+      # it: each chunk and its merge are a dozen computations, and XLA:CPU admits 32 in
+      # flight per device before it can deadlock a collective (see loop.MAX_CHUNKS_AHEAD).
+      if total is not None:
+        jax.block_until_ready(total)
       total = chunk if total is None else total.merge(chunk)
     self.data.raise_if_failed()
     values = self.par.to_host(total).compute()

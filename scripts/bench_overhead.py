@@ -14,9 +14,10 @@ Models (batch 32 unless --overhead_batch): `mlp`, configs/fashion_mlp.py (flatte
              the loop's steady state after the first (compiling) chunk with the final
              eval and checkpoint excluded, but with everything the loop does per step and
              per chunk included (index transfer, metrics, the non-finite guard and its
-             check, ReportProgress, logging every log_every_steps through the TensorBoard
-             writer thread, the per-epoch permutation). The CLI rather than the Python API,
-             because it is what users run; both call the same `loop.train_and_evaluate`.
+             check at each log, ReportProgress, logging every log_every_steps through the
+             TensorBoard writer thread, the per-epoch permutation). The CLI rather than the
+             Python API, because it is what users run; both call the same
+             `loop.train_and_evaluate`.
   bare       the leanest correct jitted loop with the same model (flaxtrain's linen `MLP`),
              optimizer and schedule (`flaxtrain.optimizers.make`) and data order (the same
              per-epoch permutations): the uint8 split and every step's indices resident

@@ -191,3 +191,19 @@ def test_the_host_dispatches_at_most_a_few_chunks_ahead(synthetic_data, tmp_path
   config = tiny_config(steps_per_dispatch=1, num_train_steps=30, log_every_steps=30)
   loop.train_and_evaluate(config, str(tmp_path))
   assert len(dispatched) == 30 and done[0] == 29
+
+
+def test_evaluation_waits_for_the_chunk_before_the_one_it_dispatched(synthetic_data, monkeypatch):
+  """A streamed eval split comes in many chunks: the host prepares the next while one runs,
+  but never has more than two (and their merges) in flight, far below XLA:CPU's 32."""
+  exp = Experiment(tiny_config())
+  state = exp.init_state()
+  one = exp.evaluate(state)
+  chunk = next(exp.data.eval_batches())
+  monkeypatch.setattr(exp.data, "eval_batches", lambda: iter([chunk] * 6))
+  waits, real_wait = [], jax.block_until_ready
+  monkeypatch.setattr(jax, "block_until_ready", lambda x: waits.append(x) or real_wait(x))
+  six = exp.evaluate(state)
+  assert len(waits) == 5  # Before each merge but the first.
+  assert six["eval_examples"] == 6 * one["eval_examples"]
+  assert six["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-6)
