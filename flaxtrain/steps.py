@@ -380,8 +380,11 @@ def init_state(
       ema_params=jax.tree.map(jnp.copy, params) if ema else {},
     )
 
-  lowered = jax.jit(init, out_shardings=par.sharding(parallel.REPLICATED)).lower()
-  return lowered.compile(compiler_options=_INIT_OPTIONS.get(par.devices[0].platform))()
+  jitted = jax.jit(init, out_shardings=par.sharding(parallel.REPLICATED))
+  options = _INIT_OPTIONS.get(par.devices[0].platform)
+  if options is None:  # Also where it is only traced (describe --topology's eval_shape).
+    return jitted()
+  return jitted.lower().compile(compiler_options=options)()
 
 
 # The initializer runs once: on the CPU, XLA's full LLVM pipeline spends seconds on its
