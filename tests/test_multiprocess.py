@@ -50,19 +50,14 @@ def _start(workdir, port, data_dir, steps, *extra, processes=2, ids=None):
     workdir, steps, _flags(data_dir, "--config.checkpoint_every_steps=10", *extra)
   )
   return [
-    subprocess.Popen(
+    _popen(
       cmd
       + [
         f"--coordinator_address=127.0.0.1:{port}",
         f"--num_processes={processes}",
         f"--process_id={i}",
       ],
-      env=topology._env(2),
-      cwd=ROOT,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-      start_new_session=True,
+      topology._env(2),
     )
     for i in (ids if ids is not None else range(processes))
   ]
