@@ -189,7 +189,6 @@ def train(
   with console.api_logging() as terminal:
     bar = progress.Progress(process_index=jax.process_index(), log_handler=terminal)
     try:
-      console.import_tensorflow_quietly()
       return loop.train_and_evaluate(config, workdir, progress=bar)
     finally:
       bar.close()

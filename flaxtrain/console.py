@@ -155,11 +155,26 @@ def _forward_native_lines(fd: int, real):
 
 
 def import_tensorflow_quietly():
-  """Imports TensorFlow (used only by TFDS and TensorBoard) with its notes kept out of
-  the terminal."""
+  """Imports TensorFlow, only where it is used (TFDS's preparation and tf.data reads, a
+  remote TensorBoard logdir, export, report): its start-up notes go to the log file, and
+  the accelerators are hidden from it (it only reads and converts; left alone it would
+  reserve GPU memory that JAX needs). Returns the module; later calls return it at once."""
+  if _tensorflow:
+    return _tensorflow[0]
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   with startup_notes_to_log():
-    import tensorflow  # noqa: F401
+    import tensorflow as tf
+
+  for kind in ("GPU", "TPU"):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except (RuntimeError, ValueError) as e:  # Devices already initialized, or no such kind.
+      logging.warning("Could not hide %s devices from TensorFlow: %s", kind, e)
+  _tensorflow.append(tf)
+  return tf
+
+
+_tensorflow = []  # The module, once imported by import_tensorflow_quietly.
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from flaxtrain import evaluate, steps, workdirs
+from flaxtrain import console, evaluate, steps, workdirs
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -42,7 +42,7 @@ def export_inference(exp, variables) -> jax.export.Exported:
 def save_tf(exp, variables, directory: epath.Path) -> bool:
   """Writes a TF SavedModel of the inference function; False if jax2tf is unavailable."""
   try:
-    import tensorflow as tf
+    tf = console.import_tensorflow_quietly()
     from jax.experimental import jax2tf
   except ImportError as e:
     logging.info("No TF SavedModel: jax2tf does not import here (%s).", e)

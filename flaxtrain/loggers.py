@@ -1,8 +1,9 @@
 """Where a run's metrics go: TensorBoard in the workdir, and the wandb and MLflow trackers.
 
 `--config.loggers` is a comma-separated list (default 'tensorboard'). `create_writer`
-puts them all behind one CLU writer that writes in a background thread, like CLU's
-default writer; only process 0 writes, the other processes only log. Each tracker's run
+puts them all behind one writer that writes in a background thread (CLU's `asynclib`, as
+CLU's default writer does; CLU's writers themselves import TensorFlow, see event_files.py);
+only process 0 writes, the other processes only log. Each tracker's run
 id is kept in <workdir>/trackers.json, so a run resumed in its workdir continues its
 tracker runs. A tracker that fails reaches the loop as `asynclib.AsyncError`, as a failed
 TensorBoard write does: the loop keeps the last checkpoint and stops with
@@ -21,10 +22,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from absl import logging
-from clu import asynclib, metric_writers
+from clu import asynclib
 from etils import epath
 
-from flaxtrain import workdirs
+from flaxtrain import event_files, workdirs
 from flaxtrain.errors import UserError
 
 LOGGERS = ("tensorboard", "wandb", "mlflow")
@@ -94,7 +95,7 @@ def create_writer(config, workdir: str, *, process_index: int) -> "Writer":
   (or `Writer.abort` on a way out by an error).
   """
   if process_index > 0:
-    return Writer([metric_writers.LoggingWriter()])
+    return Writer([LoggingWriter()])
   selected = names(config)
   if "mlflow" in selected:
     tracking_uri(workdir)  # A gs:// workdir without a tracking server fails before any I/O.
@@ -111,21 +112,33 @@ def create_writer(config, workdir: str, *, process_index: int) -> "Writer":
         tracker.end("FAILED")
     raise
   _write_state(workdir, previous, trackers)
-  writers = [metric_writers.LoggingWriter()]
+  writers = [LoggingWriter()]
   if "tensorboard" in selected:
-    writers.append(metric_writers.SummaryWriter(os.fspath(workdir)))
+    writers.append(event_files.create(workdir))
   return Writer(writers + trackers)
 
 
-class Writer(metric_writers.MultiWriter):
-  """The run's writers, each behind CLU's AsyncWriter (one background thread, in order).
+class Writer:
+  """The run's writers, each behind its own background thread (writes in order).
 
   A failed write is re-raised as `asynclib.AsyncError` by a later write or `flush`.
   """
 
   def __init__(self, writers):
-    super().__init__([_Async(w) for w in writers])
+    self._writers = [_Async(w) for w in writers]
     self._closed = False
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    for w in self._writers:
+      w.write_hparams(hparams)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    for w in self._writers:
+      w.write_scalars(step, scalars)
+
+  def flush(self):
+    for w in self._writers:
+      w.flush()
 
   @property
   def trackers(self) -> tuple["Tracker", ...]:
@@ -162,16 +175,34 @@ class Writer(metric_writers.MultiWriter):
       self.close(status)
 
 
-class _Async(metric_writers.AsyncWriter):
-  """CLU's AsyncWriter, plus the summary and the status a tracker run ends with."""
+class _Async:
+  """One writer's calls in a background thread, in order (CLU's AsyncWriter, plus the
+  summary and the status a tracker run ends with). A call after a failed one raises
+  `asynclib.AsyncError`."""
+
+  def __init__(self, writer):
+    self._writer = writer
+    self._pool = asynclib.Pool(thread_name_prefix=f"{type(writer).__name__}", max_workers=1)
 
   @property
   def writer(self):
     return self._writer
 
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    self._pool(self._writer.write_hparams)(hparams=hparams)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    self._pool(self._writer.write_scalars)(step=step, scalars=scalars)
+
   def write_summary(self, summary: Mapping[str, Any]):
     if isinstance(self._writer, Tracker):
       self._pool(self._writer.write_summary)(summary=dict(summary))
+
+  def flush(self):
+    try:
+      self._pool.join()
+    finally:
+      self._writer.flush()
 
   def close(self, status: str = "FINISHED"):
     try:
@@ -209,6 +240,25 @@ def failure_message(error: BaseException, workdir: str) -> str:
   )
 
 
+class LoggingWriter:
+  """Each write as an absl INFO line (CLU's LoggingWriter's format)."""
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    logging.info("[Hyperparameters] %s", hparams)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    values = (
+      f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(scalars.items())
+    )
+    logging.info("[%d] %s", step, ", ".join(values))
+
+  def flush(self):
+    logging.flush()
+
+  def close(self):
+    pass
+
+
 class TrackerError(Exception):
   """A tracker call failed; `logger` is its --config.loggers name."""
 
@@ -220,7 +270,7 @@ class TrackerError(Exception):
 # ------------------------------------------------------------------ trackers
 
 
-class Tracker(metric_writers.MetricWriter):
+class Tracker:
   """One tracker run: hparams, scalars at their steps, and the summary.
 
   Subclasses set `logger`, `state` (what trackers.json keeps to resume the run) and
@@ -251,33 +301,6 @@ class Tracker(metric_writers.MetricWriter):
 
   def close(self):
     self.end("FINISHED")
-
-  # The loop writes only scalars, hparams and the summary; anything else is not recorded.
-  def write_summaries(self, step, values, metadata=None):
-    self._ignored("summaries")
-
-  def write_images(self, step, images):
-    self._ignored("images")
-
-  def write_videos(self, step, videos):
-    self._ignored("videos")
-
-  def write_audios(self, step, audios, *, sample_rate):
-    self._ignored("audios")
-
-  def write_texts(self, step, texts):
-    self._ignored("texts")
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    self._ignored("histograms")
-
-  def _ignored(self, kind: str):
-    warned = self.__dict__.setdefault("_warned", set())
-    if kind not in warned:
-      warned.add(kind)
-      logging.warning(
-        "The %s logger records scalars only: %s are not sent to it.", self.logger, kind
-      )
 
   @contextlib.contextmanager
   def _failing(self, what: str):

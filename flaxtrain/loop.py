@@ -6,6 +6,7 @@ wait -> summary. The loop never asks which data source or model it has.
 """
 
 import collections
+import concurrent.futures
 import contextlib
 import os
 import time
@@ -14,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import asynclib, parameter_overview, periodic_actions
+from clu import asynclib, parameter_overview, platform
 from etils import epath
 
 from flaxtrain import (
@@ -313,13 +314,78 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
     _fail_writing_metrics(e, ckpt, workdir)
 
 
-class _ChunkProgress(periodic_actions.ReportProgress):
-  """CLU's ReportProgress, called after each chunk rather than each step (a call costs
-  microseconds); it still reports at every log step, since log steps end chunks."""
+class _ChunkProgress:
+  """CLU's ReportProgress (which imports TensorFlow with CLU's writers), called after each
+  chunk: at every `every_steps` step (log steps end chunks) and at least every minute, the
+  work unit's note says steps/s, progress, ETA and the share of the time spent in each
+  `timed` part, and `steps_per_sec` and `uptime` are written."""
 
-  def _init_and_check(self, step: int, t: float):  # Its own also checks step == last + 1.
-    if self._previous_step is None:
-      self._previous_step, self._previous_time = step, t
+  def __init__(self, *, num_train_steps: int, writer, every_steps: int, every_secs: float = 60.0):
+    self.num_train_steps, self.writer = num_train_steps, writer
+    self.every_steps, self.every_secs = every_steps, every_secs
+    self.start = time.monotonic()
+    self.previous = None  # (step, time) of the last report, or of the first call.
+    self.time_per_part = collections.defaultdict(float)
+    self.timer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="timed")
+
+  def __call__(self, step: int):
+    t = time.monotonic()
+    if self.previous is None:
+      self.previous = (step, t)
+      return
+    last_step, last_t = self.previous
+    due = step % self.every_steps == 0 or t - last_t > self.every_secs
+    if step == last_step or not (due or step == self.num_train_steps):
+      return
+    steps_per_sec = (step - last_step) / (t - last_t)
+    message = f"{steps_per_sec:.1f} steps/s"
+    if self.num_train_steps:
+      eta = (self.num_train_steps - step) / steps_per_sec
+      message += (
+        f", {100 * step / self.num_train_steps:.1f}% ({step}/{self.num_train_steps}), "
+        f"ETA: {_format_secs(eta)}"
+      )
+    if self.time_per_part:
+      total = t - self.start
+      parts = ", ".join(
+        f"{100 * dt / total:.1f}% {name}" for name, dt in sorted(self.time_per_part.items())
+      )
+      message += f" ({_format_secs(total)} : {parts})"
+    platform.work_unit().set_notes(message)
+    self.writer.write_scalars(step, {"steps_per_sec": steps_per_sec})
+    self.writer.write_scalars(step, {"uptime": t - self.start})
+    self.previous = (step, t)
+
+  @contextlib.contextmanager
+  def timed(self, name: str):
+    """Adds the block's time to `name`'s: from the end of the device work queued before it
+    to the end of the device work it queued, measured in a helper thread (as CLU does)."""
+    start = self.timer.submit(_done_at, _tick(np.float32(0)))
+    yield
+    self.timer.submit(self._add, name, start, _tick(np.float32(0)))
+
+  def _add(self, name: str, start, barrier):
+    self.time_per_part[name] += _done_at(barrier) - start.result()
+
+
+@jax.jit
+def _tick(x):
+  """A tiny computation: done once the device work queued before it is (CLU's barrier)."""
+  return x * x
+
+
+def _done_at(barrier) -> float:
+  barrier.block_until_ready()
+  return time.monotonic()
+
+
+def _format_secs(secs: float) -> str:
+  """CLU's format: 123456.7 -> '1d10h17m'."""
+  days, secs = divmod(secs, 86400)
+  hours, secs = divmod(secs, 3600)
+  return (
+    (f"{int(days)}d" if days else "") + (f"{int(hours)}h" if hours else "") + f"{int(secs // 60)}m"
+  )
 
 
 class _Profile:

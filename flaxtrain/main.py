@@ -242,7 +242,8 @@ def _run():
     from flaxtrain import experiment, parallel
 
     experiment.validate(FLAGS.config, parallel.DataParallel())
-  console.import_tensorflow_quietly()  # Its C++ start-up notes go to the log file only.
+  # TensorFlow is imported only where it is used (first decodes, preparation, export,
+  # report, remote TensorBoard), each time through console.import_tensorflow_quietly.
   if FLAGS.mode == "train":
     _train(FLAGS.config, workdir)
     return

@@ -16,7 +16,7 @@ import numpy as np
 from etils import epath
 from matplotlib.figure import Figure
 
-from flaxtrain import evaluate, workdirs
+from flaxtrain import console, evaluate, workdirs
 from flaxtrain.errors import UserError
 
 GRID = 5  # predictions.png is GRID x GRID.
@@ -43,7 +43,7 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   A resumed run logs again the steps after its last checkpoint: the value written last
   wins.
   """
-  import tensorflow as tf
+  tf = console.import_tensorflow_quietly()
 
   records = []  # (wall_time, name, step, value)
   for path in event_files(workdir):

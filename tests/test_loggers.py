@@ -4,6 +4,7 @@ packages recorded (wandb's offline transaction log, MLflow's file store)."""
 import json
 import os
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -137,6 +138,80 @@ def test_tensorboard_alone_and_other_processes_write_no_tracker(tmp_path):
   writer.write_summary({"step": 8})
   writer.close()
   assert list(other.iterdir()) == []
+
+
+def _records(logdir):
+  """Every (step, tag, value-or-plugin) of the event files in `logdir`, read by TensorFlow."""
+  import tensorflow as tf
+
+  out = []
+  for path in sorted(logdir.glob("events.out.tfevents.*")):
+    for record in tf.data.TFRecordDataset(str(path)):  # Checks each record's CRCs.
+      event = tf.compat.v1.Event.FromString(record.numpy())
+      for v in event.summary.value:
+        plugin = v.metadata.plugin_data.plugin_name
+        value = tf.make_ndarray(v.tensor) if plugin == "scalars" else plugin
+        out.append((event.step, v.tag, value))
+  return out
+
+
+def test_event_files_hold_what_tensorflows_summary_writer_writes(tmp_path):
+  """The TensorFlow-free writer against CLU's SummaryWriter (tf.summary): the same scalars
+  (float32 tensors of the scalars plugin) and the same hparams summaries, read back by
+  TensorFlow, by TensorBoard's EventAccumulator and by `flaxtrain --mode=report`."""
+  from clu import metric_writers
+  from tensorboard.backend.event_processing import event_accumulator
+
+  from flaxtrain import event_files, report
+
+  hparams = {"seed": 0, "optimizer.name": "adamw", "learning_rate": 1e-3, "ema": False}
+  scalars = [(8, {"train_loss": 2.5, "train_accuracy": 0.25}), (16, {"eval_loss": 1.0 / 3})]
+  for writer in [
+    event_files.create(str(tmp_path / "ours")),
+    metric_writers.SummaryWriter(str(tmp_path / "tf")),
+  ]:
+    writer.write_hparams(hparams)
+    for step, values in scalars:
+      writer.write_scalars(step, values)
+    writer.close()
+  ours, theirs = _records(tmp_path / "ours"), _records(tmp_path / "tf")
+  assert [(s, t, str(v)) for s, t, v in ours] == [(s, t, str(v)) for s, t, v in theirs]
+  assert [v.dtype for _, _, v in ours if not isinstance(v, str)] == ["float32"] * 3
+
+  acc = event_accumulator.EventAccumulator(str(tmp_path / "ours"), size_guidance={"tensors": 0})
+  acc.Reload()
+  tags = ["_hparams_/session_start_info", "eval_loss", "train_accuracy", "train_loss"]
+  assert sorted(acc.Tags()["tensors"]) == tags
+  assert [e.step for e in acc.Tensors("train_loss")] == [8]
+  curves = report.read_scalars(str(tmp_path / "ours"))
+  assert curves["eval_loss"][0].tolist() == [16]
+  assert curves["eval_loss"][1][0] == pytest.approx(1 / 3)
+
+
+def test_a_training_run_does_not_import_tensorflow(tmp_path):
+  """TensorFlow's import costs seconds of CPU at every start: a run on data that needs no
+  tf.data (an in-memory split already decoded, a streamed one) never imports it."""
+  code = f"""
+import sys
+from conftest import patch_synthetic, tiny_config
+import pytest
+from flaxtrain import loop
+with pytest.MonkeyPatch.context() as mp:
+  patch_synthetic(mp)
+  summary = loop.train_and_evaluate(tiny_config(num_epochs=1), {str(tmp_path)!r})
+assert summary["step"] == 32, summary
+print("tensorflow" in sys.modules)
+"""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env["PYTHONPATH"] = os.pathsep.join(
+    [str(pathlib.Path(__file__).parent), env.get("PYTHONPATH", "")]
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split() == ["False"]
+  assert list(tmp_path.glob("events.out.tfevents.*"))
 
 
 def test_trackers_record_config_scalars_summary_and_resume_the_same_runs(tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from flaxtrain import parallel
+from flaxtrain import console, parallel
 from flaxtrain.data import prepare
 from flaxtrain.data.plan import Batches, IndexPlan
 from flaxtrain.errors import UserError
@@ -129,6 +129,7 @@ def _read_split(builder, split: str) -> dict[str, np.ndarray]:
   Read in fixed-size batches, not `batch_size=-1`: when the split sizes are unknown (as
   under `tfds.testing.mock_data`), TFDS turns -1 into sys.maxsize and TF aborts the process.
   """
+  console.import_tensorflow_quietly()  # tf.data reads the records.
   chunks = list(tfds.as_numpy(builder.as_dataset(split=split, batch_size=_READ_BATCH)))
   # TFDS images always carry a channel axis, (H, W, 1) for grayscale; labels come as int64.
   return {

@@ -42,6 +42,7 @@ from tensorflow_datasets.core import dataset_info as dataset_info_lib
 from tensorflow_datasets.core import file_adapters
 from tensorflow_datasets.core.download import download_manager, resource
 
+from flaxtrain import console
 from flaxtrain.errors import UserError
 
 # {dataset: {file in manual_dir: (name stored in the original gzip header, original mtime)}}.
@@ -111,7 +112,6 @@ def prepare(
   is prepared as TFRecord if new, but may have been prepared as ArrayRecord only before: the
   caller checks `has_format(builder, 'tfrecord')` before reading with `as_dataset`.
   """
-  _hide_accelerators_from_tf()
   builder = _builder(name, data_dir)
   _check_features(builder)  # Before any download: it would be wasted.
   if manual_dir is not None:  # A dir the user named must be right, even if unused now.
@@ -373,6 +373,7 @@ def _prepare_with_manual_dir(
 ) -> None:
   config = tfds.download.DownloadConfig(manual_dir=manual_dir, extract_dir=extract_dir)
   try:
+    console.import_tensorflow_quietly()  # TFDS writes the records with it.
     builder.download_and_prepare(download_config=config)
   except download_manager.NonMatchingChecksumError as e:
     bad = [i.filename for url, i in builder.url_infos.items() if url in str(e)]
@@ -386,6 +387,7 @@ def _download_and_prepare(builder) -> None:
   """TFDS's own download; fails in seconds, not minutes of retries, when clearly offline."""
   try:
     _fail_fast_if_offline(builder)
+    console.import_tensorflow_quietly()  # TFDS writes the records with it.
     builder.download_and_prepare()
   except _NETWORK_ERRORS as e:
     raise UserError(_no_data_message(builder.name)) from e
@@ -500,8 +502,7 @@ def _reload(builder) -> tfds.core.DatasetBuilder:
 def _read_records(path, file_format):
   """Yields the serialized examples of one shard, in order."""
   if file_format == TFRECORD:
-    import tensorflow as tf  # Imported late: TFDS imports it lazily too.
-
+    tf = console.import_tensorflow_quietly()
     # In batches: one record per step costs ~40 us of tf.data overhead, 20x the read.
     for batch in tf.data.TFRecordDataset(os.fspath(path)).batch(1024).as_numpy_iterator():
       yield from batch
@@ -573,15 +574,3 @@ def check_split(builder, split: str) -> None:
     ) from e
   if not num_examples:
     raise UserError(f"Split {split!r} of dataset {builder.name} is empty: pick a larger one.")
-
-
-@functools.cache
-def _hide_accelerators_from_tf() -> None:
-  """TF only reads data here; left alone it would reserve GPU memory that JAX needs."""
-  import tensorflow as tf  # Imported late: TFDS imports it lazily too.
-
-  for kind in ("GPU", "TPU"):
-    try:
-      tf.config.set_visible_devices([], kind)
-    except (RuntimeError, ValueError) as e:  # Devices already initialized, or no such kind.
-      logging.warning("Could not hide %s devices from TensorFlow: %s", kind, e)
