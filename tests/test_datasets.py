@@ -581,9 +581,12 @@ def test_cli_default_prepares_varying_size_images_for_streaming_only(tmp_path, c
 def test_cli_default_leaves_both_formats_for_fixed_size_images(tmp_path, capsys):
   code, out, _ = run_cli(capsys, TINY, str(tmp_path))
   assert code == 0  # After TFDS's own lines:
+  version_dir = tmp_path / TINY / "1.0.0"
   assert out.splitlines()[-1] == (
-    f"{TINY} is ready in {tmp_path / TINY / '1.0.0'} (tfrecord and array_record)"
+    f"{TINY} is ready in {version_dir} (tfrecord and array_record; decoded: test, train)"
   )
+  kept = sorted(p.name.split("-")[0] for p in (version_dir / memory.DECODED_DIR).iterdir())
+  assert kept == ["test", "train"]
   via_tf, via_source = read_both_ways(str(tmp_path))
   assert via_source == via_tf
   assert run_cli(capsys, TINY, str(tmp_path))[0] == 0  # Again: nothing to do.
@@ -591,12 +594,14 @@ def test_cli_default_leaves_both_formats_for_fixed_size_images(tmp_path, capsys)
 
 @pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
 def test_cli_one_format(tmp_path, capsys, file_format):
+  # With TFRecord files (the in-memory source's) the splits are also kept decoded.
+  decoded = "; decoded: test, train" if file_format == "tfrecord" else ""
   code, out, _ = run_cli(capsys, TINY, str(tmp_path), f"--format={file_format}")
-  assert code == 0 and out.endswith(f"({file_format})\n"), out
+  assert code == 0 and out.endswith(f"({file_format}{decoded})\n"), out
   # Asking for the other format then converts in place.
   other = {"array_record": "tfrecord", "tfrecord": "array_record"}[file_format]
   code, out, _ = run_cli(capsys, TINY, str(tmp_path), f"--format={other}")
-  assert code == 0 and out.endswith("(tfrecord and array_record)\n"), out
+  assert code == 0 and out.endswith("(tfrecord and array_record; decoded: test, train)\n"), out
 
 
 def test_cli_manual_dataset_error(tmp_path, capsys, offline):
