@@ -484,6 +484,8 @@ def _copy_records(path, source, out, target) -> int:
       count += 1
       yield None, record
 
+  if target == TFRECORD:
+    console.import_tensorflow_quietly()  # TFDS writes TFRecord files with it.
   file_adapters.ADAPTER_FOR_FORMAT[target].write_examples(out, records())
   return count
 
