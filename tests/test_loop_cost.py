@@ -28,6 +28,9 @@ def test_metrics_merged_on_the_device_equal_an_eager_merge(synthetic_data, dispa
     a, so_far, _ = exp.train_chunk(a, step, n, so_far)
     b, chunk, _ = exp.train_chunk(b, step, n)
     eager = chunk if eager is None else eager.merge(chunk)
+    # Op-by-op merges are a dozen computations each: the host must not run 32 ahead of a
+    # device (XLA:CPU then deadlocks a collective; see loop.MAX_CHUNKS_AHEAD).
+    jax.block_until_ready((so_far, eager))
     step += n
   got, want = _host(so_far), _host(eager)
   assert got.keys() == want.keys()
