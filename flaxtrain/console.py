@@ -111,8 +111,7 @@ def startup_notes_to_log():
   except (OSError, ValueError):  # No real stderr (e.g. some notebooks): nothing to do.
     yield
     return
-  python_handler = logging.get_absl_handler().python_handler
-  python_stderr, previous, real, reader = sys.stderr, None, None, None
+  python_stderr, swapped, real, reader = sys.stderr, [], None, None
   try:
     real = os.fdopen(os.dup(saved), "w", buffering=1, encoding="utf-8", errors="replace")
     read_end, write_end = os.pipe()
@@ -120,8 +119,12 @@ def startup_notes_to_log():
       target=_forward_native_lines, args=(read_end, real), name="fd2-notes", daemon=True
     )
     reader.start()
-    if python_handler.stream is sys.stderr:
-      previous = python_handler.setStream(real)
+    # Every handler that writes to fd 2 writes to the real stderr meanwhile: one left on the
+    # pipe (e.g. the root handler absl's logging installs in a script without app.run) would
+    # send the reader's own log records back to it, without end.
+    for handler in _stream_handlers():
+      if _writes_to_fd2(handler.stream):
+        swapped.append((handler, handler.setStream(real)))
     sys.stderr = real
     os.dup2(write_end, 2)
     os.close(write_end)
@@ -130,12 +133,27 @@ def startup_notes_to_log():
     os.dup2(saved, 2)  # Closes the pipe's last write end: the reader sees its end.
     os.close(saved)
     sys.stderr = python_stderr
-    if previous is not None:
-      python_handler.setStream(previous)
+    for handler, previous in reversed(swapped):
+      handler.setStream(previous)
     if reader is not None:
       reader.join(timeout=5)
     if real is not None:
       real.close()
+
+
+def _stream_handlers() -> list[logging_std.StreamHandler]:
+  """absl's stderr handler and the stream handlers on the root and absl loggers."""
+  handlers = [logging.get_absl_handler().python_handler]
+  for logger in (logging_std.getLogger(), logging_std.getLogger("absl")):
+    handlers += [h for h in logger.handlers if h not in handlers]
+  return [h for h in handlers if isinstance(h, logging_std.StreamHandler)]
+
+
+def _writes_to_fd2(stream) -> bool:
+  try:
+    return stream.fileno() == 2
+  except (AttributeError, OSError, ValueError):  # No file behind it (a StringIO, closed).
+    return False
 
 
 def _forward_native_lines(fd: int, real):

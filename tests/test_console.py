@@ -123,3 +123,27 @@ def test_native_startup_notes_go_to_the_log_file_and_errors_keep_them(tmp_path, 
   assert "oneDNN" not in err and "a Python line on stderr" in err
   assert "the native reason it failed" in err  # A failure shows what was captured.
   assert "oneDNN custom operations" in (tmp_path / "flaxtrain.log").read_text()
+
+
+def test_native_notes_in_a_script_without_app_run_end(tmp_path):
+  """absl's logging puts a handler on fd 2 in a script without app.run (as `python -m
+  flaxtrain.datasets` is): the reader's record of a note must not come back through the pipe
+  (it did, without end, and `make data` hung with ~100 MB on stderr)."""
+  script = (
+    "import os, time\n"
+    "from absl import logging\n"
+    "from flaxtrain import console\n"
+    "logging.set_verbosity(logging.INFO)\n"
+    "logging.info('before')\n"  # absl's logging.basicConfig(): a root handler on stderr.
+    "with console.startup_notes_to_log():\n"
+    "  os.write(2, b'I0000 port.cc:153] oneDNN custom operations are on.\\n')\n"
+    "  os.write(2, b'W0000 another note\\n')\n"
+    "  time.sleep(1)\n"  # As TensorFlow's import takes a while: the reader runs meanwhile.
+    "print('finished')\n"
+  )
+  r = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, cwd=tmp_path
+  )
+  assert r.returncode == 0 and r.stdout == "finished\n", r.stderr[-2000:]
+  assert r.stderr.count("oneDNN custom operations") == 1, r.stderr[-2000:]
+  assert len(r.stderr) < 2000
