@@ -8,6 +8,14 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 
+def _note_signal(name: str):
+  logging.warning(
+    "Received %s: finishing the current steps, then saving a checkpoint "
+    "(press Ctrl-C again to abort without saving).",
+    name,
+  )
+
+
 class Stopper:
   """Records SIGTERM/SIGINT; `should_stop` is agreed by all processes at the same step."""
 
@@ -24,11 +32,11 @@ class Stopper:
     if self._requested.is_set() and signum == signal.SIGINT:
       raise KeyboardInterrupt  # A second Ctrl-C aborts at once.
     self._requested.set()
-    logging.warning(
-      "Received %s: finishing the current steps, then saving a checkpoint "
-      "(press Ctrl-C again to abort without saving).",
-      signal.Signals(signum).name,
-    )
+    # Logged by another thread: the signal may have come while this (the main) thread was
+    # writing a log record, and a second write from the handler into the same file would be
+    # a reentrant call (a RuntimeError and a traceback in the log); the thread waits for it.
+    name = signal.Signals(signum).name
+    threading.Thread(target=_note_signal, args=(name,), name="stop-signal-note").start()
 
   def should_stop(self, step: int) -> bool:
     local = self._requested.is_set()
