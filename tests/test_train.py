@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -65,6 +67,46 @@ def test_resume_continues_from_the_saved_step_and_matches(synthetic_data, tmp_pa
   assert resumed["eval_accuracy"] == full["eval_accuracy"]
 
 
+def test_a_stop_signal_during_a_log_write_is_noted_after_it(tmp_path):
+  """A SIGTERM that comes while the main thread writes a log record: the handler's note
+  must not write into the same file from inside that write (a reentrant call)."""
+  script = """
+import logging, os, signal, sys, threading
+from absl import logging as absl_logging
+from flaxtrain import preemption
+
+class File:  # Raises as a BufferedWriter does when a signal handler writes inside a write.
+  busy, lines = False, []
+  def write(self, text):
+    if File.busy:
+      raise RuntimeError("reentrant call")
+    File.busy = True
+    if "step 1" in text:
+      os.kill(os.getpid(), signal.SIGTERM)  # The handler runs here, inside this write.
+    File.busy = False
+    File.lines.append(text)
+  def flush(self):
+    pass
+
+handler = logging.StreamHandler(File())
+handler.raiseExceptions = True
+logging.raiseExceptions = True
+absl_logging.get_absl_logger().addHandler(handler)
+absl_logging.set_verbosity(absl_logging.INFO)
+with preemption.Stopper(par=None) as stopper:
+  absl_logging.info("step 1")
+  for t in threading.enumerate():
+    if t.name == "stop-signal-note":
+      t.join()
+  print(stopper._requested.is_set(), [l.strip() for l in File.lines])
+"""
+  r = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path
+  )
+  assert r.returncode == 0 and "reentrant" not in r.stderr, r.stderr[-3000:]
+  assert r.stdout.startswith("True ['step 1', 'Received SIGTERM: finishing"), r.stdout
+
+
 # Only in make test; on the newest stack test_resume_continues_... covers it.
 @pytest.mark.slow
 def test_rerunning_a_finished_run_trains_nothing(synthetic_data, tmp_path):
@@ -104,7 +146,10 @@ def test_steps_per_dispatch_does_not_change_results(synthetic_data, tmp_path):
   b = loop.train_and_evaluate(
     tiny_config(num_train_steps=12, steps_per_dispatch=5), str(tmp_path / "k5")
   )
-  assert a["eval_loss"] == b["eval_loss"]
+  # The same steps on the same batches; but 5 puts the step inside an on-device loop, a
+  # different program, and XLA:CPU in jax 0.12 rounds its convolutions there differently
+  # (2.1988491 vs 2.1988523 here; bitwise equal in jax 0.10). A resume keeps the setting.
+  assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5, abs=0)
 
 
 def test_nan_stops_training_without_saving_it(synthetic_data, tmp_path, monkeypatch):
