@@ -51,10 +51,10 @@ def classification(cfg, num_classes: int) -> Task:
       if smoothing:
         labels = optax.smooth_labels(labels, smoothing)
     per_example = optax.softmax_cross_entropy(logits, labels)
-    metrics = {"accuracy": (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)}
+    rank = label_rank(logits, batch["label"])
+    metrics = {"accuracy": (rank == 0).astype(jnp.float32)}
     if top5:
-      _, best5 = jax.lax.top_k(logits, 5)
-      metrics["top5_accuracy"] = jnp.any(best5 == batch["label"][:, None], -1).astype(jnp.float32)
+      metrics["top5_accuracy"] = (rank < 5).astype(jnp.float32)
     return per_example, metrics
 
   names = ("accuracy", "top5_accuracy") if top5 else ("accuracy",)
@@ -68,6 +68,15 @@ def classification(cfg, num_classes: int) -> Task:
     best_mode="max",
     num_classes=num_classes,
   )
+
+
+def label_rank(logits, label):
+  """The label's place in each row of logits sorted high to low, ties to the lower class:
+  0 where argmax is the label, < 5 where lax.top_k(logits, 5) holds it. One comparison
+  and one sum instead of an argmax and a TopK (a sort on the CPU) in every train step."""
+  own = jnp.take_along_axis(logits, label[:, None], -1)
+  before = jnp.arange(logits.shape[-1]) < label[:, None]
+  return jnp.sum((logits > own) | ((logits == own) & before), -1)
 
 
 def reconstruction(cfg, num_classes: int) -> Task:

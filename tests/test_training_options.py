@@ -329,6 +329,21 @@ def test_top5_accuracy_is_reported_for_ten_classes(synthetic_data):
   assert result["eval_top5_accuracy"] >= result["eval_accuracy"]
 
 
+def test_label_rank_counts_as_argmax_and_top_k_do_with_ties():
+  from flaxtrain import tasks
+
+  rng = np.random.default_rng(0)
+  logits = rng.integers(0, 4, (512, 10)).astype(np.float32)  # Many ties.
+  logits[:64] = rng.normal(size=(64, 10))
+  logits[64] = 1.0  # All equal: only class 0 is top-1, classes 0..4 are top-5.
+  labels = rng.integers(0, 10, 512).astype(np.int32)
+  rank = np.asarray(tasks.label_rank(jnp.asarray(logits), jnp.asarray(labels)))
+  _, best5 = jax.lax.top_k(jnp.asarray(logits), 5)
+  np.testing.assert_array_equal(rank == 0, np.argmax(logits, -1) == labels)
+  np.testing.assert_array_equal(rank < 5, np.any(np.asarray(best5) == labels[:, None], -1))
+  assert 0 < np.mean(rank < 5) < 1 and 0 < np.mean(rank == 0) < 1
+
+
 # ------------------------------------------------------------- recipe smoke runs
 
 
