@@ -96,15 +96,19 @@ def make_train_chunk(
   mixing = mix.enabled(aug_cfg)
   ema_decay = config.ema_decay
   norm = normalization(config)
+  # A linear probe (optimizer.freeze='backbone') runs the frozen backbone as it is
+  # evaluated: BatchNorm with its running statistics, which stay as they are, and no
+  # dropout or stochastic depth (as MoCo's and timm's linear probes put it in eval mode).
+  probe = config.optimizer.get("freeze", "none") == "backbone"
 
   def micro_loss(params, model_state, x, batch, rng):
     variables = {"params": params, **model_state}
     mutable = [*model_state, "losses"]
     outputs, new_vars = model.apply(
-      variables, x, train=True, rngs={"dropout": rng}, mutable=mutable
+      variables, x, train=not probe, rngs={"dropout": rng}, mutable=mutable
     )
     aux = _sum_losses(new_vars.get("losses", {}))
-    new_state = {k: v for k, v in new_vars.items() if k != "losses"}
+    new_state = model_state if probe else {k: v for k, v in new_vars.items() if k != "losses"}
     per_example, task_metrics = task.loss(outputs, batch, x)
     loss = jnp.mean(per_example) + aux
     return loss, (new_state, per_example, task_metrics, aux)

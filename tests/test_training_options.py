@@ -56,6 +56,19 @@ def test_batch_stats_are_updated_in_training_and_used_in_eval(synthetic_data):
   assert with_stats["eval_loss"] != pytest.approx(exp.evaluate(reset)["eval_loss"], rel=1e-3)
 
 
+def test_a_linear_probe_keeps_the_backbone_and_its_batch_stats_as_they_were(synthetic_data):
+  """optimizer.freeze='backbone': only the head moves; BatchNorm normalises with the
+  running statistics (as in eval) and they stay bitwise as they were."""
+  exp = experiment.Experiment(_small_resnet(**{"optimizer.freeze": "backbone"}))
+  before = exp.par.to_host(exp.init_state())
+  state, _ = _run(exp, 3)  # Donates its fresh state: compared on the host.
+  after = exp.par.to_host(state)
+  assert _max_diff(after.model_state, before.model_state) == 0
+  for name in before.params:
+    moved = _max_diff(after.params[name], before.params[name])
+    assert (moved > 0) == (name == "Dense_0"), name
+
+
 def test_batchnorm_training_does_not_depend_on_the_device_count(synthetic_data):
   """Statistics over the global batch: 1 device and 4 devices take the same steps."""
   c = _small_resnet()
