@@ -81,7 +81,7 @@ def _keep_decoded(builder) -> list[str]:
   if h is None or w is None:  # Varying sizes (--format=both asked for): streamed only.
     return []
   size = sum(builder.info.splits[s].num_examples for s in splits) * h * w * c
-  if not splits or size > sources.MEMORY_FRACTION * sources.physical_memory():
+  if not splits or not sources.fits_in_memory(size):
     return []
   memory.keep_decoded(builder, splits)
   return splits

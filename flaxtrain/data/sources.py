@@ -119,13 +119,18 @@ def choose(config: ml_collections.ConfigDict, facts: Facts) -> str:
   if facts.varies or resized or aug.random_resized_crop:
     return "stream"
   decoded = facts.num_examples * h * w * facts.channels
-  if decoded > MEMORY_FRACTION * physical_memory():
+  if not fits_in_memory(decoded):
     logging.info("Dataset %s decodes to %.1f GB: streaming it.", ds.name, decoded / 1e9)
     return "stream"
   return "memory"
 
 
-def physical_memory() -> int:
+def fits_in_memory(decoded_bytes: int) -> bool:
+  """The in-memory rule: decoded splits up to MEMORY_FRACTION of physical memory."""
+  return decoded_bytes <= MEMORY_FRACTION * _physical_memory()
+
+
+def _physical_memory() -> int:
   try:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
   except (ValueError, OSError, AttributeError):
