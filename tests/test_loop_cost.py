@@ -78,12 +78,29 @@ def test_ids_go_to_the_devices_once_per_epoch():
 
 
 def test_the_non_finite_guard_sees_nan_and_inf_and_no_overflow():
-  """all(isfinite) per gradient: large finite gradients whose sum overflows are finite."""
-  big = {"a": jnp.full((4,), 3e38, jnp.float32), "b": jnp.ones((2, 2), jnp.float32)}
-  assert bool(steps.all_finite(jnp.float32(1.0), big))
-  for bad in (jnp.nan, jnp.inf, -jnp.inf):
-    assert not bool(steps.all_finite(jnp.float32(bad), big))
-    assert not bool(steps.all_finite(jnp.float32(1.0), {**big, "b": big["b"].at[1, 0].set(bad)}))
+  """Both ways of checking (products with zeros on the CPU, all(isfinite) elsewhere) see a
+  NaN or an infinity anywhere in any gradient, eagerly and compiled; large finite
+  gradients, whose sum would overflow, are finite."""
+  big = {
+    "a": jnp.full((4,), 3e38, jnp.float32),
+    "b": jnp.ones((2, 2), jnp.float32),
+    "conv": jnp.full((3, 3, 8, 16), -3e38, jnp.float32),
+    "scalar": jnp.float32(3e38),
+  }
+  where = {"a": (3,), "b": (1, 0), "conv": (2, 1, 7, 15), "scalar": ()}
+  checks = {
+    "all_finite": steps.all_finite,
+    "all_finite, jitted": jax.jit(steps.all_finite),
+    "by products": lambda loss, g: jnp.isfinite(loss) & steps._finite_by_products(*g.values()),
+    "by reduction": lambda loss, g: jnp.isfinite(loss) & steps._finite_by_reduction(*g.values()),
+  }
+  for name, check in checks.items():
+    assert bool(check(jnp.float32(1.0), big)), name
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+      assert not bool(check(jnp.float32(bad), big)), (name, bad)
+      for key, at in where.items():
+        grads = {**big, key: big[key].at[at].set(bad)}
+        assert not bool(check(jnp.float32(1.0), grads)), (name, bad, key)
 
 
 def _leaves(par, tree):
