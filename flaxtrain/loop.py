@@ -170,19 +170,28 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
       }
       eval_result = None
       # The first non-finite step since the last check (-1: none), on the device: each
-      # chunk passes it to the next, which applies no step after one. Read only before
-      # anything is logged, evaluated or saved; a bad step is never applied, and nothing
-      # after it is saved. In between, the host only waits for the chunk MAX_CHUNKS_AHEAD
-      # back to finish (no transfer).
+      # chunk passes it to the next, which applies no step after one. Read before anything
+      # is evaluated or saved, and with each log's metrics; a bad step is never applied, and
+      # nothing after it is saved. In between, the host only waits for the chunk
+      # MAX_CHUNKS_AHEAD back to finish (no transfer).
       bad = None
       in_flight = collections.deque()
+      # Logs not yet read: (step, the metrics of the steps up to it, the flag then). A log's
+      # values are read at the next log, when its chunks are done, so logging never drains
+      # the device's queue; evals, saves and the last step read every one first.
+      pending_logs = collections.deque()
 
-      def check(bad):
-        in_flight.clear()  # Reading the newest flag waits for every chunk before it.
-        if bad is not None:
-          bad = int(par.to_host(bad))
-          if bad >= 0:
-            _fail_nonfinite(bad, par.to_host(train_metrics).compute(), ckpt, writer)
+      def check(flag, metrics):
+        """Raises if the non-finite flag (None: nothing since the last check) holds a step."""
+        if flag is not None and (first := int(par.to_host(flag))) >= 0:
+          _fail_nonfinite(first, par.to_host(metrics).compute(), ckpt, writer)
+
+      def write_logs(entries) -> dict:
+        for log_step, metrics, _ in entries:
+          values = par.to_host(metrics).compute()
+          logged = {f"train_{k}": float(v) for k, v in values.items()}
+          writer.write_scalars(log_step, logged)
+        return logged
 
       while step < plan.total_steps:
         n = plan.next_stop(step) - step
@@ -195,7 +204,8 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
         if len(in_flight) > MAX_CHUNKS_AHEAD:
           jax.block_until_ready(in_flight.popleft())
         if timing["first_step_s"] is None:  # The first chunk compiles: time it alone.
-          check(bad)
+          check(bad, train_metrics)
+          in_flight.clear()
           bad = None
           timing["first_step_s"] = time.time() - start_time
           timing["compile_s"] = time.time() - t
@@ -205,35 +215,43 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
           timing["steady_steps"] += n
           timing["paused_s"] += profiling_s
         step += n
-        report(step)
         logged = None
         stop = stopper.should_stop(step)
         timing["paused_s"] += profile.stop_if_due(step, state, stop)
-        if (
-          step % plan.log_every == 0
-          or step == plan.total_steps
-          or stop
-          or step % plan.eval_every == 0
-          or step % plan.checkpoint_every == 0
-        ):
-          check(bad)  # Before anything is logged, evaluated or saved.
+        log_due = step % plan.log_every == 0 or step == plan.total_steps
+        eval_due = step % plan.eval_every == 0 or step == plan.total_steps
+        save_due = step % plan.checkpoint_every == 0 or step == plan.total_steps or stop
+        if log_due:
+          pending_logs.append((step, train_metrics, bad))
+          train_metrics = None
+        if eval_due or save_due:  # Every flag and log read before anything is evaluated or saved.
+          in_flight.clear()  # Reading the newest flag waits for every chunk before it.
+          for _, metrics, flag in pending_logs:
+            check(flag, metrics)
+          if not log_due:
+            check(bad, train_metrics)
           bad = None
           exp.data.raise_if_failed()  # Agreed by all processes: no blank batch is saved.
-        if step % plan.log_every == 0 or step == plan.total_steps:
-          values = par.to_host(train_metrics).compute()
-          logged = {f"train_{k}": float(v) for k, v in values.items()}
-          writer.write_scalars(step, logged)
-          train_metrics = None
+          ready, pending_logs = list(pending_logs), collections.deque()
+        elif len(pending_logs) > 1:  # The previous log: its chunks are done or nearly.
+          ready = [pending_logs.popleft()]
+          check(ready[0][2], ready[0][1])
+          exp.data.raise_if_failed()
+        else:
+          ready = []
+        if ready:
+          logged = write_logs(ready)
+        report(step)  # After the logs it wrote: trackers such as W&B take steps in order.
         if progress is not None:
           progress.update(step, logged)
         eval_result = None
         paused = time.time()
-        if step % plan.eval_every == 0 or step == plan.total_steps:
+        if eval_due:
           with report.timed("eval"):
             eval_result = exp.evaluate(state)
           writer.write_scalars(step, {k: v for k, v in eval_result.items() if k != "eval_examples"})
         saved = False
-        if step % plan.checkpoint_every == 0 or step == plan.total_steps or stop:
+        if save_due:
           with report.timed("checkpoint"):
             metrics = {best_key: eval_result[best_key]} if eval_result else None
             saved = ckpt.save(step, state, metrics=metrics, force=True)
@@ -318,7 +336,9 @@ class _ChunkProgress:
   """CLU's ReportProgress (which imports TensorFlow with CLU's writers), called after each
   chunk: at every `every_steps` step (log steps end chunks) and at least every minute, the
   work unit's note says steps/s, progress, ETA and the share of the time spent in each
-  `timed` part, and `steps_per_sec` and `uptime` are written."""
+  `timed` part; at log steps and the last, `steps_per_sec` and `uptime` are written (only
+  there: the loop writes a log's metrics one log later, and W&B drops a step below one it
+  has seen)."""
 
   def __init__(self, *, num_train_steps: int, writer, every_steps: int, every_secs: float = 60.0):
     self.num_train_steps, self.writer = num_train_steps, writer
@@ -352,8 +372,9 @@ class _ChunkProgress:
       )
       message += f" ({_format_secs(total)} : {parts})"
     platform.work_unit().set_notes(message)
-    self.writer.write_scalars(step, {"steps_per_sec": steps_per_sec})
-    self.writer.write_scalars(step, {"uptime": t - self.start})
+    if step % self.every_steps == 0 or step == self.num_train_steps:
+      self.writer.write_scalars(step, {"steps_per_sec": steps_per_sec})
+      self.writer.write_scalars(step, {"uptime": t - self.start})
     self.previous = (step, t)
 
   @contextlib.contextmanager

@@ -162,6 +162,47 @@ def test_nan_stops_training_without_saving_it(synthetic_data, tmp_path, monkeypa
   assert not (tmp_path / "summary.json").exists()
 
 
+def test_nan_between_saves_stops_at_a_log_without_logging_it(synthetic_data, tmp_path, monkeypatch):
+  """Logs are read one log period late (no drain of the device's queue per log): a NaN at
+  step 3 stops the run at a later log, long before the first save; the log period that
+  holds it is never written, the one before it is."""
+  c = tiny_config(
+    num_train_steps=40,
+    log_every_steps=2,
+    eval_every_steps=40,
+    checkpoint_every_steps=40,
+    steps_per_dispatch=1,
+  )
+  monkeypatch.setenv(steps.NAN_STEP_ENV, "3")
+  with pytest.raises(loop.TrainingError, match="non-finite at step 3.*none yet"):
+    loop.train_and_evaluate(c, str(tmp_path))
+  assert checkpointing.Checkpointer(str(tmp_path / "checkpoints")).latest_step() is None
+  events = _events(tmp_path)
+  assert [step for step, _ in events["train_loss"]] == [2]
+  assert all(np.isfinite(v) for _, v in events["train_loss"])
+
+
+def test_metrics_are_written_in_step_order_at_every_log(synthetic_data, tmp_path):
+  """A log's metrics are read one log later, but every writer still gets its steps in order
+  (W&B drops a step below one it has seen) and every log step's metrics arrive, also
+  around evals that are not on log steps."""
+  import tensorflow as tf
+
+  c = tiny_config(num_train_steps=40, log_every_steps=4, eval_every_steps=10)
+  loop.train_and_evaluate(c, str(tmp_path))
+  (path,) = [p for p in tmp_path.iterdir() if p.name.startswith("events.out.tfevents")]
+  written = [
+    (e.step, v.tag)
+    for e in tf.compat.v1.train.summary_iterator(str(path))
+    for v in e.summary.value
+    if e.step
+  ]
+  steps_in_order = [step for step, _ in written]
+  assert steps_in_order == sorted(steps_in_order)
+  assert [step for step, tag in written if tag == "train_loss"] == list(range(4, 41, 4))
+  assert [step for step, tag in written if tag == "eval_loss"] == [10, 20, 30, 40]
+
+
 def test_nan_skip_mode_counts_and_continues(synthetic_data, tmp_path, monkeypatch):
   monkeypatch.setenv(steps.NAN_STEP_ENV, "5")
   summary = loop.train_and_evaluate(
