@@ -14,6 +14,12 @@ Contenders, each a fresh process, interleaved per round (the order rotates every
              decay on kernels only, linear warmup then cosine, stepped every batch), torch's
              stock settings (default threads, no torch.compile), an eval of the test split
              every epoch under `torch.inference_mode()`.
+  jax        the leanest correct jitted JAX loop of the same config: flaxtrain's own
+             model module and optimizer (same recipe), the uint8 splits and each epoch's
+             permutation resident on JAX's default single CPU device, the state donated,
+             one jitted step per batch, an exact jitted eval of the test split every
+             epoch. What a competent JAX user writes by hand, and what XLA:CPU's kernels
+             allow with nothing of a training loop around them.
   tutorial   the Flax tutorial loop (SGD 0.1, momentum 0.9, host shuffling per epoch,
              /255 on the host, test eval every epoch at the train batch size): its own
              recipe, as in the tutorial.
@@ -32,6 +38,7 @@ list) into summary.json would be used instead.
 """
 
 import datetime
+import functools
 import json
 import os
 import re
@@ -44,7 +51,7 @@ import time
 import benchmark as bench
 
 FASHION_MNIST_TRAIN = 60_000
-CONTENDERS = ("flaxtrain", "torch", "tutorial")
+CONTENDERS = ("flaxtrain", "torch", "jax", "tutorial")
 
 
 # ---------------------------------------------------------------- flaxtrain's outputs
@@ -288,6 +295,77 @@ def worker_tutorial(spec: dict) -> dict:
   }
 
 
+def worker_jax(spec: dict) -> dict:
+  """The leanest jitted JAX loop of the config's model and recipe; per-epoch times, accuracy."""
+  spawn_t = float(os.environ[bench.SPAWN_ENV])
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  from flaxtrain import config_files, models, optimizers
+
+  config = config_files.load(os.path.join(bench.ROOT, spec["config"]))
+  train_x, train_y, test_x, test_y = bench._load_arrays(spec)
+  batch, epochs, eval_batch = spec["batch_size"], spec["epochs"], spec["eval_batch_size"]
+  n = len(train_y)
+  steps_per_epoch = spec.get("epoch_steps") or n // batch
+  model = models.get(config.model, 10, jnp.float32, train_x.shape[1:])
+  params = model.init(jax.random.key(config.seed), jnp.zeros((1, *train_x.shape[1:])))["params"]
+  tx, _ = optimizers.make(
+    config.optimizer,
+    config.schedule,
+    steps_per_epoch=n // batch,
+    total_steps=epochs * steps_per_epoch,
+    params=params,
+  )
+  state = (params, tx.init(params))
+
+  def loss_fn(params, x, y):
+    logits = model.apply({"params": params}, x, train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def train_step(state, table_x, table_y, ids, i):
+    params, opt_state = state
+    rows = ids[i]
+    x = table_x[rows].astype(jnp.float32) / 255.0
+    loss, grads = jax.value_and_grad(loss_fn)(params, x, table_y[rows])
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  @jax.jit
+  def eval_step(params, x, y, mask):
+    logits = model.apply({"params": params}, x.astype(jnp.float32) / 255.0, train=False)
+    return jnp.sum((jnp.argmax(logits, -1) == y) * mask)
+
+  pad = -len(test_y) % eval_batch  # Padded to whole batches, the padding masked out.
+  ex = jax.device_put(np.concatenate([test_x, np.zeros((pad, *test_x.shape[1:]), test_x.dtype)]))
+  ey = jax.device_put(np.concatenate([test_y, np.zeros(pad, test_y.dtype)]).astype(np.int32))
+  emask = jax.device_put(np.arange(len(test_y) + pad) < len(test_y))
+  table_x, table_y = jax.device_put(train_x), jax.device_put(train_y.astype(np.int32))
+  rng = np.random.default_rng(config.seed)
+  ends, train_s, accuracy = [], [], None
+  for _ in range(epochs):
+    t = time.perf_counter()
+    ids = rng.permutation(n)[: steps_per_epoch * batch].reshape(steps_per_epoch, batch)
+    ids = jax.device_put(ids.astype(np.int32))
+    for i in range(steps_per_epoch):
+      state, loss = train_step(state, table_x, table_y, ids, i)
+    jax.block_until_ready(state)  # Only to split train from eval time; eval waits anyway.
+    train_s.append(time.perf_counter() - t)
+    correct = sum(
+      eval_step(state[0], ex[i : i + eval_batch], ey[i : i + eval_batch], emask[i : i + eval_batch])
+      for i in range(0, len(ey), eval_batch)
+    )
+    accuracy = float(correct) / len(test_y)
+    ends.append(time.time())
+  return _peer_result(spawn_t, ends, train_s, steps_per_epoch * batch, accuracy) | {
+    "final_loss": float(loss),
+    "devices": jax.device_count(),
+  }
+
+
 def _peer_result(spawn_t, ends, train_s, examples_per_epoch, accuracy) -> dict:
   walls = epoch_walls(spawn_t, ends)
   later = train_s[1:]
@@ -305,7 +383,7 @@ def _peer_result(spawn_t, ends, train_s, examples_per_epoch, accuracy) -> dict:
   }
 
 
-WORKERS = {"full_torch": worker_torch, "full_tutorial": worker_tutorial}
+WORKERS = {"full_torch": worker_torch, "full_jax": worker_jax, "full_tutorial": worker_tutorial}
 
 
 # ---------------------------------------------------------------- orchestration
@@ -456,6 +534,7 @@ def main(args, passthrough) -> int:
   contenders = [
     "flaxtrain",
     *(["torch"] if use_torch else []),
+    *([] if args.skip_jax else ["jax"]),
     *([] if args.skip_tutorial else ["tutorial"]),
   ]
   runs = {b: {c: [] for c in contenders} for b in args.batch_sizes}
@@ -479,6 +558,7 @@ def main(args, passthrough) -> int:
               "epochs": epochs,
               "epoch_steps": steps if args.smoke else None,
               "recipe": recipe,
+              "config": args.config,
               "eval_batch_size": recipe["eval_batch_size"],
               "npz": npz,
             }

@@ -1013,6 +1013,9 @@ def parse_args(argv):
   p.add_argument("--skip_torch", action="store_true", help="do not run PyTorch eager")
   p.add_argument("--skip_tutorial", action="store_true", help="do not run the tutorial loop")
   p.add_argument(
+    "--skip_jax", action="store_true", help="full runs: do not run the leanest jitted JAX loop"
+  )
+  p.add_argument(
     "--full",
     action="store_true",
     help="full runs of 10 epochs (--window --full: also the whole config through the CLI)",

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import ROOT
 
@@ -377,7 +378,8 @@ def test_overhead_bare_loop_and_table(tmp_path, monkeypatch):
 
 @pytest.mark.slow  # A whole script run: make test only, not on the newest stack too.
 def test_full_run_smoke_parses_a_real_cli_run(real_data_dir, tmp_path):
-  """`--smoke`: the real CLI for 2 "epochs" of 2 steps; its log gives the epoch times."""
+  """`--smoke`: the real CLI for 2 "epochs" of 2 steps; its log gives the epoch times. The
+  leanest jitted JAX loop runs the same 2 x 2 steps beside it."""
   out = tmp_path / "full.json"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["TFDS_DATA_DIR"] = real_data_dir
@@ -405,3 +407,9 @@ def test_full_run_smoke_parses_a_real_cli_run(real_data_dir, tmp_path):
   assert f["step"] == 4 and 0 <= f["eval_accuracy"] <= 1
   assert "| 128 | flaxtrain |" in r.stdout and "| batch | contender |" in r.stdout
   assert "1 round(s)" in r.stdout
+  j = report["results"]["128"]["jax"]
+  assert "error" not in j, j
+  assert len(j["epoch_wall_s"]) == 2 and j["devices"] == 1 and 0 <= j["eval_accuracy"] <= 1
+  assert np.isfinite(j["final_loss"]) and positive(j["examples_per_sec"])
+  assert "| 128 | jax |" in r.stdout
+  assert report["results"]["128"]["ratios"]["throughput_peer"] == "jax"
