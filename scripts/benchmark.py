@@ -998,7 +998,7 @@ def parse_args(argv):
     action="store_true",
     help="the loop's own cost: tiny models, flaxtrain vs the leanest jitted loop",
   )
-  p.add_argument("--overhead_steps", type=int, default=5000, help="--overhead: steps per run")
+  p.add_argument("--overhead_steps", type=int, default=20000, help="--overhead: steps per run")
   p.add_argument("--overhead_batch", type=int, default=32, help="--overhead: batch size")
   p.add_argument(
     "--overhead_models", default="mlp,logreg", help="--overhead: comma-separated, of mlp,logreg"
