@@ -413,3 +413,25 @@ def test_full_run_smoke_parses_a_real_cli_run(real_data_dir, tmp_path):
   assert np.isfinite(j["final_loss"]) and positive(j["examples_per_sec"])
   assert "| 128 | jax |" in r.stdout
   assert report["results"]["128"]["ratios"]["throughput_peer"] == "jax"
+
+
+@pytest.mark.slow  # A whole script run: make test only.
+def test_step_parts_times_xla_torch_and_the_data_parallel_step():
+  """scripts/step_parts.py, which the README's step breakdown cites, runs end to end: every
+  XLA piece, the two-device lines and PyTorch's pieces, each with a time."""
+  pytest.importorskip("torch")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  cmd = [sys.executable, "scripts/step_parts.py", "--batch=4", "--calls=1", "--devices=2"]
+  r = subprocess.run(
+    [*cmd, "--torch"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  times = {
+    line.rsplit(None, 2)[0]: float(line.rsplit(None, 2)[1])
+    for line in r.stdout.splitlines()
+    if line.endswith(" ms")
+  }
+  for name in ("forward + backward", "fwd + bwd, 2 devices", "AdamW step, 2 devices"):
+    assert times[name] > 0, name
+  torch_part = r.stdout.split("PyTorch", 1)[1]
+  assert "whole step, AdamW" in torch_part and "conv2 both gradients" in torch_part
