@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from flaxtrain import experiment, loop, parallel
+from flaxtrain import experiment, loop, parallel, profiling
 from flaxtrain.errors import UserError
 
 
@@ -106,7 +106,7 @@ def test_bad_profile_settings_fail_in_one_sentence(key, value, match):
 def _profile(tmp_path, **overrides):
   """The loop's profiler for the window (2, 6), i.e. profile_steps=(2, 4)."""
   config = tiny_config(profile_steps=(2, 4), **overrides)
-  return loop._Profile((2, 6), config, parallel.DataParallel(), str(tmp_path))
+  return profiling.Profile((2, 6), config, parallel.DataParallel(), str(tmp_path))
 
 
 def test_an_early_stop_or_error_still_writes_a_complete_trace(tmp_path):
@@ -134,7 +134,7 @@ def test_only_the_chosen_process_traces_and_every_process_in_its_own_folder(tmp_
   par = parallel.DataParallel()
   par.process_index, par.num_processes = 1, 2  # As process 1 of 2 would see it.
   config = tiny_config(profile_steps=(2, 4))
-  assert loop._Profile((2, 6), config, par, str(tmp_path)).window is None
+  assert profiling.Profile((2, 6), config, par, str(tmp_path)).window is None
   config.profile_process = -1
-  every = loop._Profile((2, 6), config, par, str(tmp_path))
+  every = profiling.Profile((2, 6), config, par, str(tmp_path))
   assert every.window == (2, 6) and every.logdir == str(tmp_path / "process1")
