@@ -225,19 +225,18 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
           train_metrics = None
         if eval_due or save_due:  # Every flag and log read before anything is evaluated or saved.
           in_flight.clear()  # Reading the newest flag waits for every chunk before it.
-          for _, metrics, flag in pending_logs:
-            check(flag, metrics)
-          if not log_due:
-            check(bad, train_metrics)
-          bad = None
-          exp.data.raise_if_failed()  # Agreed by all processes: no blank batch is saved.
           ready, pending_logs = list(pending_logs), collections.deque()
+          # Off a log step, the steps since the last log have a flag but no log of their own.
+          flags = ready if log_due else [*ready, (step, train_metrics, bad)]
+          bad = None
         elif len(pending_logs) > 1:  # The previous log: its chunks are done or nearly.
-          ready = [pending_logs.popleft()]
-          check(ready[0][2], ready[0][1])
-          exp.data.raise_if_failed()
+          ready = flags = [pending_logs.popleft()]
         else:
-          ready = []
+          ready = flags = []
+        for _, metrics, flag in flags:
+          check(flag, metrics)
+        if flags:
+          exp.data.raise_if_failed()  # Agreed by all processes: no blank batch is saved.
         if ready:
           logged = write_logs(ready)
         report(step)  # After the logs it wrote: trackers such as W&B take steps in order.
