@@ -252,8 +252,9 @@ class Experiment:
   ):
     """Runs steps start_step+1..start_step+num_steps; returns (state, metrics, bad step).
 
-    The metrics are this chunk's merged into `so_far` (metrics a previous call returned;
-    None: nothing yet), on the device: the loop reads them only when it logs. Likewise
+    The metrics (`metrics.Packed`) are this chunk's merged into `so_far` (metrics a
+    previous call returned; None: nothing yet), on the device: the loop reads them only
+    when it logs. Likewise
     `bad_so_far`, the bad step a previous call returned: if it is one (>= 0), this chunk
     applies no step and returns it, so the loop need not read it after every chunk.
     """
@@ -266,7 +267,7 @@ class Experiment:
         donate_argnums=(0,),
       )
       # Never donated: one copy starts every log period.
-      self._no_metrics = self.par.replicate(self.train_metrics.empty())
+      self._no_metrics = self.par.replicate(metrics_lib.Packed.of(self.train_metrics.empty()))
       self._no_bad = self.par.replicate(np.int32(-1))
     so_far = self._no_metrics if so_far is None else so_far
     bad_so_far = self._no_bad if bad_so_far is None else bad_so_far

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flaxtrain import metrics as metrics_lib
 from flaxtrain import parallel
 from flaxtrain.data import augment, mix
 from flaxtrain.data import plan as plan_lib
@@ -315,13 +316,16 @@ def make_train_chunk(
     return new, metrics, bad_before
 
   def chunk(state, inputs, num_steps, so_far=None, bad_so_far=None):
-    """-> (state, metrics, first bad step or -1); the metrics merged into `so_far` (e.g.
-    those since the last log) if given. With `bad_so_far` >= 0 (a previous chunk's bad
-    step, not yet read by the host) no step is applied and it is returned as it is."""
+    """-> (state, metrics, first bad step or -1); the metrics (`metrics.Packed`) merged
+    into `so_far` (e.g. those since the last log) if given. With `bad_so_far` >= 0 (a
+    previous chunk's bad step, not yet read by the host) no step is applied and it is
+    returned as it is."""
     bad = jnp.int32(-1) if bad_so_far is None else bad_so_far
     state, metrics, bad = steps_of(state, inputs, num_steps, bad)
     metrics = parallel.gather_metrics(metrics)
-    return state, metrics if so_far is None else so_far.merge(metrics), bad
+    if so_far is not None:
+      metrics = so_far.unpack().merge(metrics)
+    return state, metrics_lib.Packed.of(metrics), bad
 
   def steps_of(state, inputs, num_steps, bad):
     if max_steps == 1:

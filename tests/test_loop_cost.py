@@ -7,6 +7,7 @@ import pytest
 from conftest import tiny_config
 
 from flaxtrain import loop, parallel, steps
+from flaxtrain import metrics as metrics_lib
 from flaxtrain.data import memory
 from flaxtrain.experiment import Experiment
 
@@ -227,3 +228,37 @@ def test_evaluation_waits_for_the_chunk_before_the_one_it_dispatched(synthetic_d
   assert len(waits) == 5  # Before each merge but the first.
   assert six["eval_examples"] == 6 * one["eval_examples"]
   assert six["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-6)
+
+
+def test_packed_metrics_are_one_buffer_per_dtype_with_the_same_bits(synthetic_data):
+  """The train chunk takes and returns its dozen metric scalars as one vector per dtype
+  (each buffer of a jitted call costs the host time); unpacked, on the device or the host,
+  they are the collection's own values, bit for bit and dtype for dtype."""
+  collection = metrics_lib.train_metrics(("accuracy",))
+
+  def single(loss, accuracy, lr):
+    return collection.single_from_model_output(
+      loss=jnp.asarray(loss, jnp.float32),
+      aux_loss=jnp.float32(0.0),
+      learning_rate=jnp.float32(lr),
+      nonfinite=jnp.float32(0.0),
+      accuracy=jnp.asarray(accuracy, jnp.float32),
+    )
+
+  m = single([0.1, 2.5, 3.0], [1.0, 0.0, 1.0], 3e-4).merge(single([7.25], [0.0], 1e-4))
+  packed = metrics_lib.Packed.of(m)
+  assert len(jax.tree.leaves(m)) == 10 and len(jax.tree.leaves(packed)) == 2
+  for p in (packed, jax.jit(lambda p: metrics_lib.Packed.of(p.unpack()))(packed)):
+    got_leaves = jax.tree.leaves(jax.device_get(p).unpack())
+    for want, got in zip(jax.tree.leaves(m), got_leaves, strict=True):
+      assert got.dtype == want.dtype and got.shape == want.shape
+      np.testing.assert_array_equal(got, want)
+    assert {k: float(v) for k, v in jax.device_get(p).compute().items()} == {
+      k: float(v) for k, v in m.compute().items()
+    }
+  merged = packed.merge(packed).compute()
+  assert float(merged["loss"]) == pytest.approx((0.1 + 2.5 + 3.0 + 7.25) / 4)
+
+  exp = Experiment(tiny_config())
+  _, metrics, _ = exp.train_chunk(exp.init_state(), 0, 1)
+  assert isinstance(metrics, metrics_lib.Packed) and len(jax.tree.leaves(metrics)) == 2
