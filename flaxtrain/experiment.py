@@ -34,11 +34,16 @@ class Plan:
   def next_stop(self, step: int) -> int:
     """The next step at which the host must log, evaluate, checkpoint, start or stop the
     profiler, or finish."""
-    nxt = [self.total_steps]
-    for every in (self.log_every, self.eval_every, self.checkpoint_every):
-      nxt.append((step // every + 1) * every)
-    nxt += [edge for edge in self.profile or () if edge > step]
-    return min(min(nxt), step + self.steps_per_dispatch)
+    nxt = min(
+      self.total_steps,
+      step + self.steps_per_dispatch,
+      (step // self.log_every + 1) * self.log_every,
+      (step // self.eval_every + 1) * self.eval_every,
+      (step // self.checkpoint_every + 1) * self.checkpoint_every,
+    )
+    if self.profile is None:  # The common case, kept cheap: the loop asks at every chunk.
+      return nxt
+    return min([nxt, *(edge for edge in self.profile if edge > step)])
 
 
 def validate(config: ml_collections.ConfigDict, par: parallel.DataParallel):

@@ -186,7 +186,7 @@ class MemorySource:
     self.on_device = self._decide_on_device(on_device)
     self.description = "in memory, on device" if self.on_device else "in memory, gathered on host"
     self._tables = {}
-    self._window = (0, 0, None)  # (first step, steps, their device ids): train_batches.
+    self._window = (0, 0, None)  # (first step, steps, Batches of their ids): train_batches.
     self._eval_batches = None
     self.input_wait_s = None  # Batches are gathered when asked for: nothing to wait for.
 
@@ -221,16 +221,15 @@ class MemorySource:
       return self._batches("train", self.train, idx)
     # The ids of a whole epoch (plus one chunk past its end, for chunks that cross it) go
     # to the devices once; each chunk then sends only the offset of its first step.
-    first, count, ids = self._window
+    first, count, window = self._window
     if not first <= start_step <= start_step + num_steps <= first + count:
       spe = self.plan.steps_per_epoch
       first, count = start_step // spe * spe, spe + chunk
       ids = self.par.put(self.plan.train_indices(first, count, count), parallel.STEPS_BATCH)
-      self._window = first, count, ids
-    batches = self._batches("train", self.train, ids, put=False)
-    batches.inputs["offset"] = np.int32(start_step - first)
-    batches.specs["offset"] = parallel.REPLICATED
-    return batches
+      window = self._batches("train", self.train, ids, put=False)
+      window.specs["offset"] = parallel.REPLICATED
+      self._window = first, count, window
+    return Batches({**window.inputs, "offset": np.int32(start_step - first)}, window.specs)
 
   def eval_batches(self):
     """The eval split as chunks of masked batches; here one chunk, kept on the devices."""
