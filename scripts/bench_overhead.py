@@ -24,7 +24,9 @@ Models (batch 32 unless --overhead_batch): `mlp`, configs/fashion_mlp.py (flatte
              on the device, the state donated, D steps per call in a `lax.fori_loop`, no
              host sync until the end. Timed like flaxtrain: after the first chunk.
 
-Printed: steps/s of each and flaxtrain / bare, per model and steps_per_dispatch.
+Printed: steps/s of each (medians over rounds) and flaxtrain / bare, the median of the
+rounds' own ratios (this VM drifts by 10-30% between rounds; within a round the two run
+back to back), per model and steps_per_dispatch.
 """
 
 import datetime
@@ -156,19 +158,38 @@ def run_flaxtrain(args, model, dispatch, tmp, tag) -> dict:
   }
 
 
+def round_ratios(entry: dict) -> list[float]:
+  """flaxtrain / bare of each round: the two ran one after the other, so a ratio within a
+  round is free of this VM's drift between rounds (which a ratio of medians is not)."""
+  f = entry["flaxtrain"].get("steps_per_sec_rounds") or []
+  b = entry["bare"].get("steps_per_sec_rounds") or []
+  if len(f) != len(b):
+    return []
+  return [x / y for x, y in zip(f, b, strict=True) if x and y]
+
+
+def ratio(entry: dict) -> float | None:
+  """The median of the rounds' ratios; with no rounds recorded, the ratio of the medians."""
+  if rs := round_ratios(entry):
+    return bench.median(rs)
+  f, b = entry["flaxtrain"].get("steps_per_sec"), entry["bare"].get("steps_per_sec")
+  return f / b if f and b else None
+
+
 def table(results: dict) -> str:
   head = (
-    "| model | steps_per_dispatch | flaxtrain steps/s | bare steps/s | flaxtrain / bare |\n"
-    "| --- | ---: | ---: | ---: | ---: |\n"
+    "| model | steps_per_dispatch | flaxtrain steps/s | bare steps/s | flaxtrain / bare | "
+    "rounds |\n| --- | ---: | ---: | ---: | ---: | --- |\n"
   )
   rows = []
   for model, by_dispatch in results.items():
     for d, e in by_dispatch.items():
-      f, b = e["flaxtrain"].get("steps_per_sec"), e["bare"].get("steps_per_sec")
+      f, b, r = e["flaxtrain"].get("steps_per_sec"), e["bare"].get("steps_per_sec"), ratio(e)
       label = f"{d} (default)" if e.get("default") else str(d)
+      rounds = ", ".join(f"{x:.2f}" for x in round_ratios(e)) if len(round_ratios(e)) > 1 else ""
       rows.append(
         f"| {model} | {label} | {'-' if f is None else f'{f:,.0f}'} | "
-        f"{'-' if b is None else f'{b:,.0f}'} | {'-' if not (f and b) else f'{f / b:.2f}'} |"
+        f"{'-' if b is None else f'{b:,.0f}'} | {'-' if r is None else f'{r:.2f}'} | {rounds} |"
       )
   return head + "\n".join(rows)
 
@@ -218,8 +239,8 @@ def main(args) -> int:
         agg[who] = dict(ok[-1]) if ok else {"error": rs[0].get("error") if rs else "not run"}
         agg[who]["steps_per_sec"] = bench.median(r.get("steps_per_sec") for r in ok)
         agg[who]["steps_per_sec_rounds"] = [r.get("steps_per_sec") for r in ok]
-      f, b = agg["flaxtrain"]["steps_per_sec"], agg["bare"]["steps_per_sec"]
-      agg["flaxtrain_vs_bare"] = f / b if f and b else None
+      agg["flaxtrain_vs_bare"] = ratio(agg)
+      agg["flaxtrain_vs_bare_rounds"] = round_ratios(agg)
       agg["default"] = d == default
       results[model][d] = agg
   report = {
@@ -251,7 +272,8 @@ def main(args) -> int:
   print(
     "\nflaxtrain: summary.json's steady state (after the first chunk; final eval and "
     "checkpoint excluded). bare: device-resident data and indices, donated state, no host "
-    "sync until the end, timed after the first chunk."
+    "sync until the end, timed after the first chunk. flaxtrain / bare: the median of the "
+    "rounds' ratios (each round runs the two one after the other); rounds: each round's."
   )
   failed = any(
     "error" in e["flaxtrain"] or "error" in e["bare"]
