@@ -259,9 +259,9 @@ class Experiment:
 
     The metrics (`metrics.Packed`) are this chunk's merged into `so_far` (metrics a
     previous call returned; None: nothing yet), on the device: the loop reads them only
-    when it logs. Likewise
-    `bad_so_far`, the bad step a previous call returned: if it is one (>= 0), this chunk
-    applies no step and returns it, so the loop need not read it after every chunk.
+    when it logs. Likewise `bad_so_far`, the bad step a previous call returned: if it is
+    one (>= 0), this chunk applies no step and returns it, so the loop need not read it
+    after every chunk.
     """
     batches = self.data.train_batches(start_step, num_steps, self.plan.steps_per_dispatch)
     if self._train_chunk is None:  # Compiled at the first chunk, with the input's specs.

@@ -64,7 +64,7 @@ class Packed:
   """
 
   vectors: tuple
-  # (the collection's treedef, (vector index, start, shape) per leaf, each vector's dtype).
+  # (the collection's treedef, (vector index, start, shape) per leaf).
   layout: tuple = flax.struct.field(pytree_node=False)
 
   @classmethod
@@ -80,10 +80,10 @@ class Packed:
       where.append((g, sum(x.size for x in groups[g]), leaf.shape))
       groups[g].append(leaf.ravel())
     vectors = tuple(jnp.concatenate(g) for g in groups)
-    return cls(vectors=vectors, layout=(treedef, tuple(where), tuple(map(str, dtypes))))
+    return cls(vectors=vectors, layout=(treedef, tuple(where)))
 
   def unpack(self):
-    treedef, where, _ = self.layout
+    treedef, where = self.layout
     leaves = [
       self.vectors[g][start : start + math.prod(shape)].reshape(shape) for g, start, shape in where
     ]
