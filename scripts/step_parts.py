@@ -42,17 +42,23 @@ def conv(x, w):
   return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=im2col.NHWC)
 
 
-def timed(fn, *args, calls):
-  fn = jax.jit(fn)
-  jax.block_until_ready(fn(*args))
+def median_ms(call, calls: int, finish=lambda out: out) -> float:
+  """ms per `call()`: the median of 3 runs of `calls` calls after a warm-up call;
+  `finish(out)` waits for the last call's work (JAX dispatches asynchronously)."""
+  finish(call())
   runs = []
   for _ in range(3):
     t = time.perf_counter()
     for _ in range(calls):
-      out = fn(*args)
-    jax.block_until_ready(out)
+      out = call()
+    finish(out)
     runs.append((time.perf_counter() - t) / calls * 1e3)
   return statistics.median(runs)
+
+
+def timed(fn, *args, calls):
+  fn = jax.jit(fn)
+  return median_ms(lambda: fn(*args), calls, jax.block_until_ready)
 
 
 def main():
@@ -179,25 +185,15 @@ def torch_parts(b: int, calls: int):
     forward_backward()
     opt.step()
 
-  def timed_torch(fn):
-    fn()
-    runs = []
-    for _ in range(3):
-      t = time.perf_counter()
-      for _ in range(calls):
-        fn()
-      runs.append((time.perf_counter() - t) / calls * 1e3)
-    return statistics.median(runs)
-
   print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads")
   with torch.no_grad():
-    print(f"{'conv2 forward':24s} {timed_torch(lambda: F.conv2d(x2, w2, padding=1)):7.3f} ms")
+    print(f"{'conv2 forward':24s} {median_ms(lambda: F.conv2d(x2, w2, padding=1), calls):7.3f} ms")
   for name, fn in (
     ("conv2 both gradients", conv2_backward),
     ("forward + backward", forward_backward),
     ("whole step, AdamW", step),
   ):
-    print(f"{name:24s} {timed_torch(fn):7.3f} ms", flush=True)
+    print(f"{name:24s} {median_ms(fn, calls):7.3f} ms", flush=True)
 
 
 if __name__ == "__main__":
