@@ -215,6 +215,7 @@ class Experiment:
       par.num_devices,
     )
     self._train_chunk = self._no_metrics = self._no_bad = None
+    self._num_steps = {}  # Chunk lengths as device scalars: no transfer per chunk.
     self._evaluate, self._predict = {}, {}  # Compiled per eval chunk length.
 
   # ------------------------------------------------------------- state
@@ -276,7 +277,9 @@ class Experiment:
       self._no_bad = self.par.replicate(np.int32(-1))
     so_far = self._no_metrics if so_far is None else so_far
     bad_so_far = self._no_bad if bad_so_far is None else bad_so_far
-    return self._train_chunk(state, batches.inputs, np.int32(num_steps), so_far, bad_so_far)
+    if (length := self._num_steps.get(num_steps)) is None:
+      length = self._num_steps[num_steps] = self.par.replicate(np.int32(num_steps))
+    return self._train_chunk(state, batches.inputs, length, so_far, bad_so_far)
 
   def evaluate(self, state: TrainState) -> dict:
     """Exact metrics over the whole eval split: every example counted once."""

@@ -321,7 +321,8 @@ def make_train_chunk(
     previous chunk's bad step, not yet read by the host) no step is applied and it is
     returned as it is."""
     bad = jnp.int32(-1) if bad_so_far is None else bad_so_far
-    state, metrics, bad = steps_of(state, inputs, num_steps, bad)
+    # The state's step is the chunk's first (a chunk after a bad step applies nothing).
+    state, metrics, bad = steps_of(state, plan_lib.at_step(inputs, state.step), num_steps, bad)
     metrics = parallel.gather_metrics(metrics)
     if so_far is not None:
       metrics = so_far.unpack().merge(metrics)

@@ -23,12 +23,14 @@ def _pipe(
   )
 
 
-def _per_device_labels(batches: plan.Batches, split: dict, steps: int):
-  """[steps, devices, per_device] labels as each device sees them: a chunk of `steps`."""
+def _per_device_labels(batches: plan.Batches, split: dict, steps: int, start: int):
+  """[steps, devices, per_device] labels as each device sees them: a chunk of `steps`
+  from train step `start` (the state's step counter when the chunk runs)."""
   if "idx" in batches.inputs:
     arr = batches.inputs["idx"]
-    # On device, the ids of the whole epoch are sent once; the chunk starts at 'offset'.
-    first = int(batches.inputs.get("offset", 0))
+    # On device, the ids of the whole epoch are sent once; the chunk starts at the row of
+    # its step (plan.at_step).
+    first = int(plan.at_step(batches.inputs, np.int32(start)).get("offset", 0))
     shards = sorted(arr.addressable_shards, key=lambda s: s.index[1].start or 0)
     rows = [np.asarray(s.data)[first : first + steps] for s in shards]
     return np.stack([split["label"][r] for r in rows], 1)
@@ -41,7 +43,7 @@ def test_four_devices_each_get_a_quarter_of_the_global_batch():
   pipe = _pipe()
   assert len(jax.devices()) == 4
   b = pipe.train_batches(0, 3, 5)
-  labels = _per_device_labels(b, pipe.train, 5)
+  labels = _per_device_labels(b, pipe.train, 5, 0)
   assert labels.shape == (5, 4, 16)
   perm = pipe.plan.permutation(0)
   expected = pipe.train["label"][perm[:192]].reshape(3, 64)
@@ -67,9 +69,9 @@ def test_batches_do_not_depend_on_device_count_or_layout():
   four = _pipe()
   host = _pipe(on_device="false")
   assert four.on_device and not host.on_device
-  ref = _per_device_labels(one.train_batches(7, 4, 4), one.train, 4).reshape(4, 64)
+  ref = _per_device_labels(one.train_batches(7, 4, 4), one.train, 4, 7).reshape(4, 64)
   for p in (four, host):
-    got = _per_device_labels(p.train_batches(7, 4, 4), p.train, 4).reshape(4, 64)
+    got = _per_device_labels(p.train_batches(7, 4, 4), p.train, 4, 7).reshape(4, 64)
     np.testing.assert_array_equal(got, ref)
 
 

@@ -8,7 +8,7 @@ from conftest import tiny_config
 
 from flaxtrain import loop, parallel, steps
 from flaxtrain import metrics as metrics_lib
-from flaxtrain.data import memory
+from flaxtrain.data import memory, plan
 from flaxtrain.experiment import Experiment
 
 
@@ -48,9 +48,11 @@ def _source(num_devices=4, chunk=5):
   )
 
 
-def _ids(batches, i):
-  """The example ids of a chunk's i-th batch, as the device reads them (plan.take)."""
-  return np.asarray(batches.inputs["idx"])[int(batches.inputs["offset"]) + i]
+def _ids(batches, start, i):
+  """The example ids of the i-th batch of a chunk from step `start`, as the device reads
+  them (plan.at_step, plan.take)."""
+  inputs = plan.at_step(batches.inputs, np.int32(start))
+  return np.asarray(inputs["idx"])[int(inputs["offset"]) + i]
 
 
 def test_on_device_ids_follow_the_index_plan_across_epochs_and_resumes():
@@ -62,11 +64,11 @@ def test_on_device_ids_follow_the_index_plan_across_epochs_and_resumes():
   for start in starts:
     batches = src.train_batches(start, 5, 5)
     for i in range(5):
-      np.testing.assert_array_equal(_ids(batches, i), src.plan.step_indices(start + i))
+      np.testing.assert_array_equal(_ids(batches, start, i), src.plan.step_indices(start + i))
   resumed = _source()  # A fresh process resuming mid-epoch.
   batches = resumed.train_batches(spe + 7, 5, 5)
   for i in range(5):
-    np.testing.assert_array_equal(_ids(batches, i), src.plan.step_indices(spe + 7 + i))
+    np.testing.assert_array_equal(_ids(batches, spe + 7, i), src.plan.step_indices(spe + 7 + i))
 
 
 def test_ids_go_to_the_devices_once_per_epoch():
@@ -139,6 +141,25 @@ def test_a_non_finite_step_applies_nothing(synthetic_data, monkeypatch, dispatch
     a, b = _leaves(par, getattr(got, part)), _leaves(par, getattr(want, part))
     for x, y in zip(a, b, strict=True):
       np.testing.assert_array_equal(x, y, err_msg=part)
+
+
+def test_a_chunk_sends_nothing_from_the_host(synthetic_data, monkeypatch):
+  """Each host-to-device transfer costs a chunk time (and on an accelerator a copy): after
+  the first chunk of an epoch every argument of the jitted chunk is already on the devices,
+  the rows of its batches found from the state's step."""
+  exp = Experiment(tiny_config(steps_per_dispatch=5))
+  state, step = exp.init_state(), 0
+  state, _, _ = exp.train_chunk(state, step, 5)  # Compiles; sends the epoch's ids.
+  step = 5
+  calls = []
+  compiled = exp._train_chunk
+  monkeypatch.setattr(exp, "_train_chunk", lambda *a: calls.append(a) or compiled(*a))
+  for n in (5, 5, 3, 5):
+    state, _, _ = exp.train_chunk(state, step, n)
+    step += n
+  for args in calls:
+    host = [type(x).__name__ for x in jax.tree.leaves(args) if not isinstance(x, jax.Array)]
+    assert not host, host
 
 
 @pytest.mark.parametrize("dispatch", [1, 5])

@@ -3,8 +3,8 @@
 For splits that fit comfortably in memory (MNIST, CIFAR). Batches follow the shared index
 plan (`plan.py`), in one of two layouts with the same batches:
   * on device: the whole split is copied once to every device, and each epoch's int32
-    indices once per epoch; a chunk sends only its offset into them and the device
-    gathers its examples (no input stalls);
+    indices once per epoch; a chunk sends nothing (the device finds its rows from its
+    step counter, `plan.at_step`) and gathers its examples (no input stalls);
   * host: each process gathers the rows its own devices need and transfers them.
 """
 
@@ -220,16 +220,18 @@ class MemorySource:
       idx = self.plan.train_indices(start_step, num_steps, chunk)
       return self._batches("train", self.train, idx)
     # The ids of a whole epoch (plus one chunk past its end, for chunks that cross it) go
-    # to the devices once; each chunk then sends only the offset of its first step.
+    # to the devices once, with the step of their first row; each chunk's rows start at
+    # its state's step counter minus that (`plan.at_step`), so a chunk sends nothing.
     first, count, window = self._window
     if not first <= start_step <= start_step + num_steps <= first + count:
       spe = self.plan.steps_per_epoch
       first, count = start_step // spe * spe, spe + chunk
       ids = self.par.put(self.plan.train_indices(first, count, count), parallel.STEPS_BATCH)
       window = self._batches("train", self.train, ids, put=False)
-      window.specs["offset"] = parallel.REPLICATED
+      window.inputs["first"] = self.par.replicate(np.int32(first))
+      window.specs["first"] = parallel.REPLICATED
       self._window = first, count, window
-    return Batches({**window.inputs, "offset": np.int32(start_step - first)}, window.specs)
+    return window
 
   def eval_batches(self):
     """The eval split as chunks of masked batches; here one chunk, kept on the devices."""

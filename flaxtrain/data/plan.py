@@ -29,11 +29,24 @@ class Batches:
   specs: dict
 
 
+def at_step(inputs: dict, step):
+  """Per-device: the inputs of a train chunk whose first step is `step` (the train state's
+  step counter, already on the device).
+
+  Where 'idx' holds the ids of many steps from step 'first' on (a whole epoch's, sent to
+  the devices once), the chunk's rows start at offset `step - first`: found here, so that
+  the host sends nothing per chunk.
+  """
+  if "first" not in inputs:
+    return inputs
+  return {**inputs, "offset": step - inputs["first"]}
+
+
 def take(inputs: dict, i):
   """Per-device: the i-th batch of a chunk as {'image', 'label'[, 'mask']}.
 
-  With an 'offset', 'idx' holds the ids of many steps (e.g. a whole epoch's, sent to the
-  devices once) and the chunk's batches are its rows offset+i.
+  With an 'offset' (`at_step`), 'idx' holds the ids of many steps and the chunk's batches
+  are its rows offset+i.
   """
   if "idx" in inputs:
     if "offset" in inputs:
