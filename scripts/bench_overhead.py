@@ -26,7 +26,7 @@ Models (batch 32 unless --overhead_batch): `mlp`, configs/fashion_mlp.py (flatte
 
 Printed: steps/s of each (medians over rounds) and flaxtrain / bare, the median of the
 rounds' own ratios (this VM drifts by 10-30% between rounds; within a round the two run
-back to back), per model and steps_per_dispatch.
+back to back, the bare loop first in every other round), per model and steps_per_dispatch.
 """
 
 import datetime
@@ -214,7 +214,6 @@ def main(args) -> int:
           i += 1
           entry = runs[model].setdefault(d, {"flaxtrain": [], "bare": []})
           bench.log(f"round {rnd + 1}/{args.rounds}, {model}, steps_per_dispatch {d}")
-          entry["flaxtrain"].append(run_flaxtrain(args, model, d, tmp, f"{rnd}-{model}-{d}"))
           spec = {
             "config": CONFIG,
             "model": model,
@@ -223,10 +222,17 @@ def main(args) -> int:
             "steps_per_dispatch": d,
             "npz": npz,
           }
-          r = bench.spawn("overhead_bare", spec, tmp, quiet_wait=args.quiet_wait)
-          entry["bare"].append(r)
-          if default is None and r.get("default_steps_per_dispatch"):
-            default = r["default_steps_per_dispatch"]
+          # Every other round the bare loop goes first, so that neither side always runs
+          # in the other's wake (page cache, clock, a neighbour's load).
+          for who in ("flaxtrain", "bare") if rnd % 2 == 0 else ("bare", "flaxtrain"):
+            if who == "flaxtrain":
+              r = run_flaxtrain(args, model, d, tmp, f"{rnd}-{model}-{d}")
+            else:
+              r = bench.spawn("overhead_bare", spec, tmp, quiet_wait=args.quiet_wait)
+            entry[who].append(r)
+          bare = entry["bare"][-1]
+          if default is None and bare.get("default_steps_per_dispatch"):
+            default = bare["default_steps_per_dispatch"]
             if default not in dispatches:  # The platform's own default, measured too.
               dispatches.append(default)
               todo.append(default)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -386,6 +387,46 @@ def test_overhead_bare_loop_and_table(tmp_path, monkeypatch):
   assert "| logreg | 25 | 1,000 | 1,000 | 1.00 | 1.32, 1.00, 0.80 |" in ov.table(results)
   results["logreg"][25]["bare"]["steps_per_sec_rounds"] = [500.0, 1100.0, 1750.0]
   assert ov.ratio(results["logreg"][25]) == pytest.approx(1000 / 1100)
+
+
+def test_overhead_rounds_alternate_which_side_runs_first(tmp_path, monkeypatch, capsys):
+  """Within a round the two sides run back to back, the bare loop first in every other
+  round; the platform's default dispatch comes from the bare worker whichever ran last."""
+  ov = sibling("bench_overhead")
+  bench = sibling("benchmark")
+  calls = []
+
+  def flaxtrain(args, model, d, tmp, tag):
+    calls.append(("flaxtrain", model, d))
+    return {"steps_per_sec": 90.0 + len(calls)}
+
+  def spawn(kind, spec, tmp, **kw):
+    if kind == "data":
+      return {}
+    calls.append(("bare", spec["model"], spec["steps_per_dispatch"]))
+    return {"steps_per_sec": 100.0, "default_steps_per_dispatch": 1}
+
+  monkeypatch.setattr(ov, "run_flaxtrain", flaxtrain)
+  monkeypatch.setattr(bench, "spawn", spawn)
+  monkeypatch.setattr(bench, "machine_info", lambda: {"cpu": "test", "cores": 2})
+  monkeypatch.setattr(bench, "versions", lambda with_torch: {})
+  args = types.SimpleNamespace(
+    overhead_models=["mlp"],
+    rounds=3,
+    overhead_steps=100,
+    overhead_batch=32,
+    quiet_wait=0,
+    json_out=str(tmp_path / "o.json"),
+    data_dir=None,
+  )
+  assert ov.main(args) == 0
+  firsts = [calls[i][0] for i in range(0, len(calls), 2)]
+  assert firsts == ["flaxtrain", "flaxtrain", "bare", "bare", "flaxtrain", "flaxtrain"]
+  report = json.loads((tmp_path / "o.json").read_text())
+  assert report["settings"]["platform_default_steps_per_dispatch"] == 1
+  rounds = report["results"]["mlp"]["1"]["flaxtrain_vs_bare_rounds"]
+  assert rounds == pytest.approx([0.91, 0.96, 0.99])  # Paired by round, whichever went first.
+  assert "| mlp | 1 (default) |" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # A whole script run: make test only, not on the newest stack too.
