@@ -333,7 +333,10 @@ def test_peer_workers_time_every_epoch(tmp_path, monkeypatch):
   pytest.importorskip("torch")
   recipe = full.recipe_of("configs/fashion_cnn.py")
   assert recipe["optimizer"] == "adamw" and recipe["schedule"] == "warmup_cosine"
-  r = full.worker_torch({**spec, "recipe": recipe, "eval_batch_size": 16})
+  # In its own interpreter, as the benchmark runs it: torch's import of triton can crash a
+  # process that already loaded TensorFlow (e.g. through the real_data_dir fixture).
+  r = bench.spawn("full_torch", {**spec, "recipe": recipe, "eval_batch_size": 16}, str(tmp_path))
+  assert "error" not in r, r.get("stderr_tail")
   _check_peer(r, 3)
   assert r["threads"] >= 1
 
