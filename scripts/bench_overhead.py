@@ -13,7 +13,7 @@ Models (batch 32 unless --overhead_batch): `mlp`, configs/fashion_mlp.py (flatte
              only at step S). Its figure is summary.json's `train_examples_per_sec` / batch:
              the loop's steady state after the first (compiling) chunk with the final
              eval and checkpoint excluded, but with everything the loop does per step and
-             per chunk included (index transfer, metrics, the non-finite guard and its
+             per chunk included (the index gather, metrics, the non-finite guard and its
              check at each log, ReportProgress, logging every log_every_steps through the
              TensorBoard writer thread, the per-epoch permutation). The CLI rather than the
              Python API, because it is what users run; both call the same
