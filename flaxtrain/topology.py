@@ -483,8 +483,13 @@ def _train_inputs(data: DataSpec, par, num_steps: int, batch: int):
     inputs = {
       "table": table,
       "idx": jax.ShapeDtypeStruct((num_steps, batch), jnp.int32, sharding=split),
+      "first": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),  # plan.at_step
     }
-    specs = {"table": parallel.REPLICATED, "idx": parallel.STEPS_BATCH}
+    specs = {
+      "table": parallel.REPLICATED,
+      "idx": parallel.STEPS_BATCH,
+      "first": parallel.REPLICATED,
+    }
     return inputs, specs, data.num_eval * (math.prod(data.image_shape) + 4)
   inputs = {
     "image": jax.ShapeDtypeStruct((num_steps, batch, *data.image_shape), jnp.uint8, sharding=split),
