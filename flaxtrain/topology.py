@@ -434,7 +434,7 @@ def _lower(config, model_cfg, data: DataSpec, plan, par, batch: int):
     )
   )
   state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), state)
-  inputs, specs, eval_table = _train_inputs(data, par, plan.steps_per_dispatch, batch)
+  inputs, specs, eval_table = _train_inputs(data, par, plan, batch)
   num_steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   lowered = par.compile(
     chunk,
@@ -467,11 +467,14 @@ def _cost(analysis) -> dict:
   return {k: float(analysis[k]) for k in ("flops", "bytes accessed") if analysis.get(k, 0) > 0}
 
 
-def _train_inputs(data: DataSpec, par, num_steps: int, batch: int):
+def _train_inputs(data: DataSpec, par, plan, batch: int):
   """(shapes, partition specs, bytes of the eval split kept on each device) of a train
   chunk's inputs, as the data source lays them out (see data/memory.py, data/stream.py)."""
   split = par.sharding(parallel.STEPS_BATCH)
-  if data.on_device:  # Whole splits on every device; each step sends example ids.
+  if data.on_device:
+    # Whole splits on every device, and the example ids of an epoch plus one chunk (the
+    # window MemorySource.train_batches sends once per epoch).
+    num_steps = plan.steps_per_epoch + plan.steps_per_dispatch
     replicated = par.sharding(parallel.REPLICATED)
     table = {
       "image": jax.ShapeDtypeStruct((data.num_train, *data.image_shape), jnp.uint8),
@@ -491,6 +494,7 @@ def _train_inputs(data: DataSpec, par, num_steps: int, batch: int):
       "first": parallel.REPLICATED,
     }
     return inputs, specs, data.num_eval * (math.prod(data.image_shape) + 4)
+  num_steps = plan.steps_per_dispatch
   inputs = {
     "image": jax.ShapeDtypeStruct((num_steps, batch, *data.image_shape), jnp.uint8, sharding=split),
     "label": jax.ShapeDtypeStruct((num_steps, batch), jnp.int32, sharding=split),
@@ -639,7 +643,7 @@ def _inputs_text(a: Analysis) -> str:
   shape = "x".join(str(n) for n in a.data.image_shape)
   per_chip = a.config.batch_size // a.par.num_devices
   if a.data.on_device:
-    return f"{a.data.num_train:,} train images of {shape} uint8 on every chip, ids per step"
+    return f"{a.data.num_train:,} train images of {shape} uint8 on every chip, an epoch's ids"
   return f"{a.plan.steps_per_dispatch} step(s) x {per_chip:,} images of {shape} uint8 + labels"
 
 

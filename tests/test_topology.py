@@ -12,6 +12,7 @@ import types
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 from conftest import load_config
 from test_cli import flaxtrain
@@ -173,3 +174,25 @@ def test_the_batch_divides_by_the_slice_as_in_a_real_run():
   config.batch_size = 100
   with pytest.raises(UserError, match=r"does not divide by the 8 devices \(v5e-8: 8 TPU v5"):
     topology.analyze(config, topology.parse("v5e-8"))
+
+
+@pytest.mark.parametrize("on_device", ["true", "false"])
+def test_train_inputs_are_laid_out_as_the_source_sends_them(on_device):
+  """The lowered chunk takes what a run's in-memory source sends (so its memory figures
+  count it): on the devices, the split and the ids of an epoch plus one chunk."""
+  from flaxtrain import parallel
+  from flaxtrain.data import memory as memory_source
+
+  par = parallel.DataParallel(jax.devices()[:1])
+  split = {"image": np.zeros((203, 2, 2, 1), np.uint8), "label": np.arange(203, dtype=np.int32)}
+  src = memory_source.MemorySource(
+    split, split, par=par, seed=3, batch_size=8, eval_batch_size=8, on_device=on_device
+  )
+  spd = 5
+  sent = src.train_batches(0, spd, spd)
+  data = topology.DataSpec("synthetic", (2, 2, 1), 10, 203, 203, "memory", on_device == "true")
+  plan = types.SimpleNamespace(steps_per_epoch=src.plan.steps_per_epoch, steps_per_dispatch=spd)
+  inputs, specs, _ = topology._train_inputs(data, par, plan, 8)
+  shapes = lambda tree: jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), tree)  # noqa: E731
+  assert shapes(inputs) == shapes(sent.inputs)
+  assert specs == sent.specs
