@@ -321,6 +321,9 @@ def test_training_sends_config_metrics_and_summary_to_every_tracker(synthetic_da
   assert [s for s, _ in _history(client, run.info.run_id, "train_loss")] == [8, 16]
   assert _history(client, run.info.run_id, "eval_accuracy") == [(16, summary["eval_accuracy"])]
   assert _history(client, run.info.run_id, "summary/wall_s") == [(16, summary["wall_s"])]
+  # The loop's pace at each log: both values in one write, at its step.
+  pace = [s for s, v in _history(client, run.info.run_id, "steps_per_sec") if v > 0]
+  assert pace == [s for s, v in _history(client, run.info.run_id, "uptime") if v > 0] == [8, 16]
 
   (wandb_run,) = _wandb_runs(workdir)
   assert wandb_run["id"] == ids["wandb"]["run_id"] and wandb_run["project"] == "e2e"
