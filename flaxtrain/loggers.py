@@ -241,15 +241,14 @@ def failure_message(error: BaseException, workdir: str) -> str:
 
 
 class LoggingWriter:
-  """Each write as an absl INFO line (CLU's LoggingWriter's format)."""
+  """Each write as an absl INFO line: CLU's LoggingWriter's format, in the caller's order
+  (the loop's lines: '[step] train_... (sorted), steps_per_sec=..., uptime=...')."""
 
   def write_hparams(self, hparams: Mapping[str, Any]):
     logging.info("[Hyperparameters] %s", hparams)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-    values = (
-      f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(scalars.items())
-    )
+    values = (f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in scalars.items())
     logging.info("[%d] %s", step, ", ".join(values))
 
   def flush(self):

@@ -148,9 +148,7 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
     parameter_overview.log_parameter_overview(par.to_host(state.params))
   step = int(par.to_host(state.step))
 
-  report = _ChunkProgress(
-    num_train_steps=plan.total_steps, writer=writer, every_steps=config.log_every_steps
-  )
+  report = _ChunkProgress(num_train_steps=plan.total_steps)
   best_key = exp.task.best_metric
   # Signal handlers and the profiler only while training: both end on every way out.
   try:
@@ -175,9 +173,10 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
       # MAX_CHUNKS_AHEAD back to finish (no transfer).
       bad = None
       in_flight = collections.deque()
-      # Logs not yet read: (step, the metrics of the steps up to it, the flag then). A log's
-      # values are read at the next log, when its chunks are done, so logging never drains
-      # the device's queue; evals, saves and the last step read every one first.
+      # Logs not yet read: (step, the metrics of the steps up to it, the flag then, the
+      # loop's pace up to it). A log's values are read at the next log, when its chunks are
+      # done, so logging never drains the device's queue; evals, saves and the last step
+      # read every one first.
       pending_logs = collections.deque()
 
       def check(flag, metrics):
@@ -186,10 +185,10 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
           _fail_nonfinite(first, par.to_host(metrics).compute(), ckpt, writer)
 
       def write_logs(entries) -> dict:
-        for log_step, metrics, _ in entries:
+        for log_step, metrics, _, pace in entries:
           values = par.to_host(metrics).compute()
-          logged = {f"train_{k}": float(v) for k, v in values.items()}
-          writer.write_scalars(log_step, logged)
+          logged = {f"train_{k}": float(v) for k, v in sorted(values.items())}
+          writer.write_scalars(log_step, {**logged, **(pace or {})})  # One write per log.
         return logged
 
       while step < plan.total_steps:
@@ -220,26 +219,26 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
         log_due = step % plan.log_every == 0 or step == plan.total_steps
         eval_due = step % plan.eval_every == 0 or step == plan.total_steps
         save_due = step % plan.checkpoint_every == 0 or step == plan.total_steps or stop
+        pace = report(step, log=log_due)  # Steps/s and uptime, written with the log.
         if log_due:
-          pending_logs.append((step, train_metrics, bad))
+          pending_logs.append((step, train_metrics, bad, pace))
           train_metrics = None
         if eval_due or save_due:  # Every flag and log read before anything is evaluated or saved.
           in_flight.clear()  # Reading the newest flag waits for every chunk before it.
           ready, pending_logs = list(pending_logs), collections.deque()
           # Off a log step, the steps since the last log have a flag but no log of their own.
-          flags = ready if log_due else [*ready, (step, train_metrics, bad)]
+          flags = ready if log_due else [*ready, (step, train_metrics, bad, None)]
           bad = None
         elif len(pending_logs) > 1:  # The previous log: its chunks are done or nearly.
           ready = flags = [pending_logs.popleft()]
         else:
           ready = flags = []
-        for _, metrics, flag in flags:
+        for _, metrics, flag, _ in flags:
           check(flag, metrics)
         if flags:
           exp.data.raise_if_failed()  # Agreed by all processes: no blank batch is saved.
         if ready:
           logged = write_logs(ready)
-        report(step)  # After the logs it wrote: trackers such as W&B take steps in order.
         if progress is not None:
           progress.update(step, logged)
         eval_result = None
@@ -247,7 +246,9 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
         if eval_due:
           with report.timed("eval"):
             eval_result = exp.evaluate(state)
-          writer.write_scalars(step, {k: v for k, v in eval_result.items() if k != "eval_examples"})
+          writer.write_scalars(
+            step, {k: v for k, v in sorted(eval_result.items()) if k != "eval_examples"}
+          )
         saved = False
         if save_due:
           with report.timed("checkpoint"):
@@ -332,30 +333,37 @@ def _train(exp: Experiment, workdir: str, writer, progress, start_time: float) -
 
 class _ChunkProgress:
   """CLU's ReportProgress (which imports TensorFlow with CLU's writers), called after each
-  chunk: at every `every_steps` step (log steps end chunks) and at least every minute, the
-  work unit's note says steps/s, progress, ETA and the share of the time spent in each
-  `timed` part; at log steps and the last, `steps_per_sec` and `uptime` are written (only
-  there: the loop writes a log's metrics one log later, and W&B drops a step below one it
-  has seen)."""
+  chunk. At a log step it returns the loop's pace since the previous one, `steps_per_sec`
+  and `uptime`, for the loop to write with that log's metrics: one write per log. At most
+  once every `every_secs` (CLU's default cadence) and at the last step, the work unit's
+  note (a line in the log file) says steps/s, progress, ETA and the share of the time spent
+  in each `timed` part."""
 
-  def __init__(self, *, num_train_steps: int, writer, every_steps: int, every_secs: float = 60.0):
-    self.num_train_steps, self.writer = num_train_steps, writer
-    self.every_steps, self.every_secs = every_steps, every_secs
+  def __init__(self, *, num_train_steps: int, every_secs: float = 60.0):
+    self.num_train_steps, self.every_secs = num_train_steps, every_secs
     self.start = time.monotonic()
-    self.previous = None  # (step, time) of the last report, or of the first call.
+    # (step, time) of the last log and of the last note, or of the first call (after the
+    # chunk that compiles).
+    self.last_log = self.last_note = None
     self.time_per_part = collections.defaultdict(float)
     self.timer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="timed")
 
-  def __call__(self, step: int):
+  def __call__(self, step: int, log: bool) -> dict | None:
     t = time.monotonic()
-    if self.previous is None:
-      self.previous = (step, t)
-      return
-    last_step, last_t = self.previous
-    due = step % self.every_steps == 0 or t - last_t > self.every_secs
-    if step == last_step or not (due or step == self.num_train_steps):
-      return
-    steps_per_sec = (step - last_step) / (t - last_t)
+    if self.last_log is None:
+      self.last_log = self.last_note = (step, t)
+      return None
+    last = step == self.num_train_steps
+    pace = None
+    if log and step > self.last_log[0]:
+      pace = {"steps_per_sec": _rate(self.last_log, step, t), "uptime": t - self.start}
+      self.last_log = (step, t)
+    if (last or t - self.last_note[1] >= self.every_secs) and step > self.last_note[0]:
+      self._note(step, _rate(self.last_note, step, t), t)
+      self.last_note = (step, t)
+    return pace
+
+  def _note(self, step: int, steps_per_sec: float, t: float):
     message = f"{steps_per_sec:.1f} steps/s"
     if self.num_train_steps:
       eta = (self.num_train_steps - step) / steps_per_sec
@@ -370,10 +378,6 @@ class _ChunkProgress:
       )
       message += f" ({_format_secs(total)} : {parts})"
     platform.work_unit().set_notes(message)
-    if step % self.every_steps == 0 or step == self.num_train_steps:
-      # One write: each is a call into every writer (a background write per writer).
-      self.writer.write_scalars(step, {"steps_per_sec": steps_per_sec, "uptime": t - self.start})
-    self.previous = (step, t)
 
   @contextlib.contextmanager
   def timed(self, name: str):
@@ -391,6 +395,11 @@ class _ChunkProgress:
 def _tick(x):
   """A tiny computation: done once the device work queued before it is (CLU's barrier)."""
   return x * x
+
+
+def _rate(since: tuple, step: int, t: float) -> float:
+  """Steps per second from `since`, a (step, time), to (step, t)."""
+  return (step - since[0]) / (t - since[1])
 
 
 def _done_at(barrier) -> float:

@@ -1,5 +1,7 @@
 """What the loop's cheap paths must keep: the same metrics and the same data order."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -283,3 +285,28 @@ def test_packed_metrics_are_one_buffer_per_dtype_with_the_same_bits(synthetic_da
   exp = Experiment(tiny_config())
   _, metrics, _ = exp.train_chunk(exp.init_state(), 0, 1)
   assert isinstance(metrics, metrics_lib.Packed) and len(jax.tree.leaves(metrics)) == 2
+
+
+def test_progress_gives_each_log_its_pace_and_notes_at_most_once_a_minute(monkeypatch):
+  """The pace goes out with each log's metrics (one write per log); the work unit's note, a
+  log-file line, at most every minute and at the last step (CLU's default cadence)."""
+  notes, now = [], [0.0]
+  work_unit = types.SimpleNamespace(set_notes=notes.append)
+  monkeypatch.setattr(loop.platform, "work_unit", lambda: work_unit)
+  monkeypatch.setattr(loop.time, "monotonic", lambda: now[0])
+  report = loop._ChunkProgress(num_train_steps=1000)
+  paces = {}
+  for step in range(50, 1001, 50):  # A chunk of 50 steps every 10 s; a log every 100 steps.
+    now[0] += 10.0
+    pace = report(step, log=step % 100 == 0)
+    if pace is not None:
+      paces[step] = pace
+  assert list(paces) == list(range(100, 1001, 100))  # Not at 50: the first chunk compiles.
+  assert paces[100] == {"steps_per_sec": 5.0, "uptime": 20.0}
+  assert all(p["steps_per_sec"] == 5.0 for p in paces.values())
+  assert notes == [
+    "5.0 steps/s, 35.0% (350/1000), ETA: 2m",
+    "5.0 steps/s, 65.0% (650/1000), ETA: 1m",
+    "5.0 steps/s, 95.0% (950/1000), ETA: 0m",
+    "5.0 steps/s, 100.0% (1000/1000), ETA: 0m",
+  ]
