@@ -51,10 +51,11 @@ def memory_line(exp) -> str:
 
 def describe_topology(config, defaults, config_path: str, topology_name: str) -> str:
   """The report for a TPU slice that is not here; UserError if the step does not fit."""
-  from flaxtrain import topology  # It uses this module's formatting.
+  from flaxtrain import topology, topology_report  # The report uses this module's formatting.
 
   analysis = topology.analyze(config, topology.parse(topology_name))
-  return "\n".join([config_changes(defaults, config, config_path), "", topology.report(analysis)])
+  text = topology_report.report(analysis)
+  return "\n".join([config_changes(defaults, config, config_path), "", text])
 
 
 def config_changes(defaults, config, config_path: str) -> str:

@@ -17,7 +17,7 @@ import pytest
 from conftest import load_config
 from test_cli import flaxtrain
 
-from flaxtrain import models, topology
+from flaxtrain import models, topology, topology_report
 from flaxtrain.errors import UserError
 
 needs_libtpu = pytest.mark.skipif(
@@ -112,7 +112,7 @@ def test_describe_a_step_that_fits(tmp_path):
   assert "FLOPs per step and chip (XLA cost analysis):" in out and "MFU <=" in out
   # Parameter bytes = parameter count x 4 bytes (float32), replicated on every chip.
   count = _params()
-  assert f"{topology._size(count * 4)}   {count:,} x float32" in out
+  assert f"{topology_report._size(count * 4)}   {count:,} x float32" in out
   assert re.search(r"temporaries +[\d.]+ [KMG]iB", out)
 
 
@@ -162,7 +162,7 @@ def test_fit_keeps_a_tenth_for_the_runtime():
   a.memory["temporaries"] = int(0.95 * 16 * topology.GiB)  # Under the HBM, over 90% of it.
   assert not a.fits
   with pytest.raises(UserError) as e:
-    topology.report(a)
+    topology_report.report(a)
   assert "needs 15.3 GiB per chip (temporaries 15.2 GiB, parameters 100 MiB, input" in str(e.value)
   assert "--config.grad_accum_steps=2, --config.compute_dtype=bfloat16" in str(e.value)
 
