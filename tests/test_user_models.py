@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import flax.linen as nn
 import jax
@@ -40,7 +41,10 @@ MODEL_FILE = textwrap.dedent(
 
 
   class NNXMLP(nnx.Module):
-    def __init__(self, num_classes, *, hidden=(32,), dropout=0.0, image_shape, rngs):
+    def __init__(
+      self, num_classes, *, hidden=(32,), dropout=0.0, activity_l1=0.0, image_shape, rngs
+    ):
+      self.activity_l1 = activity_l1
       din = 1
       for d in image_shape:
         din *= d
@@ -55,6 +59,8 @@ MODEL_FILE = textwrap.dedent(
       x = x.reshape((x.shape[0], -1))
       for layer in self.layers:
         x = self.dropout(jax.nn.relu(layer(x)))
+      if self.activity_l1:  # An auxiliary loss, sown as a linen module sows one.
+        self.sow("losses", "activity", self.activity_l1 * jnp.mean(jnp.abs(x)))
       return self.head(x)
 
 
@@ -142,21 +148,32 @@ class _LinenTwin(nn.Module):
   """The linen twin of NNXMLP: same layers, same names after the copy below."""
 
   num_classes: int
+  activity_l1: float = 0.0
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(32, name="layers_0")(x))
+    if self.activity_l1:
+      self.sow("losses", "activity", self.activity_l1 * jnp.mean(jnp.abs(x)))
     return nn.Dense(self.num_classes, name="head")(x)
 
 
-def test_nnx_and_linen_versions_train_to_the_same_loss(synthetic_data, model_file, monkeypatch):
-  """The same MLP in NNX and in linen, the NNX init copied into linen: the same steps."""
+@pytest.mark.parametrize("activity_l1", [0.0, 0.5])
+def test_nnx_and_linen_versions_train_to_the_same_loss(
+  synthetic_data, model_file, monkeypatch, activity_l1
+):
+  """The same MLP in NNX and in linen, the NNX init copied into linen: the same steps. With
+  an auxiliary loss each sows into 'losses' (NNX through nnx.capture, without Flax's
+  deprecation warning): the same loss, gradient and logged aux_loss."""
   par = parallel.DataParallel()
   cfg = tiny_config(num_train_steps=8)
-  cfg.model = ml_collections.ConfigDict({"name": f"{model_file}:NNXMLP", "hidden": (32,)})
+  cfg.model = ml_collections.ConfigDict(
+    {"name": f"{model_file}:NNXMLP", "hidden": (32,), "activity_l1": activity_l1}
+  )
   nnx_exp = experiment.Experiment(cfg, par)
-  monkeypatch.setattr(models, "get", lambda *a, **k: adapters.LinenModel(_LinenTwin(10)))
+  twin = _LinenTwin(10, activity_l1=activity_l1)
+  monkeypatch.setattr(models, "get", lambda *a, **k: adapters.LinenModel(twin))
   linen_exp = experiment.Experiment(cfg, par)
   assert nnx_exp.model.kind == "nnx" and linen_exp.model.kind == "linen"
   state = nnx_exp.init_state()
@@ -167,14 +184,20 @@ def test_nnx_and_linen_versions_train_to_the_same_loss(synthetic_data, model_fil
     linen_state.replace(params=linen_params, opt_state=linen_exp.tx.init(linen_params)),
     par.sharding(parallel.REPLICATED),
   )
-  results = {}
+  results, aux = {}, {}
   for name, exp, st in (("nnx", nnx_exp, state), ("linen", linen_exp, linen_state)):
-    losses = []
+    losses, aux[name] = [], []
     for step in range(8):  # One step per chunk: CPU's steps_per_dispatch.
-      st, metrics, _ = exp.train_chunk(st, step, 1)
-      losses.append(float(jax.device_get(metrics).compute()["loss"]))
+      with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # Compiles at the first chunk.
+        st, metrics, _ = exp.train_chunk(st, step, 1)
+      values = jax.device_get(metrics).compute()
+      losses.append(float(values["loss"]))
+      aux[name].append(float(values["aux_loss"]))
     results[name] = (losses, jax.device_get(st.params))
   np.testing.assert_allclose(results["nnx"][0], results["linen"][0], rtol=1e-5)
+  np.testing.assert_allclose(aux["nnx"], aux["linen"], rtol=1e-5)
+  assert (min(aux["nnx"]) > 0) == bool(activity_l1)
   assert results["nnx"][0][-1] < results["nnx"][0][0]  # It trains.
   np.testing.assert_allclose(
     results["nnx"][1]["head"]["kernel"], results["linen"][1]["head"]["kernel"], rtol=1e-4, atol=1e-6

@@ -4,8 +4,8 @@ A model is a linen or an NNX module behind one interface (models/adapters.py): i
 called as `model.apply(variables, images, train=..., rngs=..., mutable=...)` on float
 images (NHWC) and returns logits (or, for reconstruction tasks, pixel logits shaped
 like the images). Non-param collections (e.g. `batch_stats`) live in
-`TrainState.model_state`; values a linen model sows into 'losses' are added to the
-training loss. `model.name` is a name below or your own class,
+`TrainState.model_state`; values a model (linen or NNX) sows into 'losses' are added to
+the training loss. `model.name` is a name below or your own class,
 `path/to/my_model.py:MyNet` (models/user.py).
 """
 

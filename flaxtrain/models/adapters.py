@@ -21,7 +21,9 @@ checkpoint layout and one optimizer path:
   'batch_stats', other variable types by their NNX collection name. RNG streams are
   not state: every call reseeds each stream from the call's 'dropout' key (folded with
   the stream's position), so random draws are a pure function of (seed, step, device)
-  as for linen. Train/eval mode is NNX's `model.train()` / `model.eval()`.
+  as for linen. Train/eval mode is NNX's `model.train()` / `model.eval()`. What the
+  module sows for a call (`self.sow("losses", ...)`, as in linen) comes back as the
+  'losses' collection, through `nnx.capture`.
 """
 
 import inspect
@@ -161,9 +163,28 @@ class NNXModel:
       module.train()
     else:
       module.eval()
-    out = module(x)
+    out, sown = _call(module, x)
     if not mutable:
       return out
-    new = self._variables(module)
+    new = {**self._variables(module), **sown}
     keep = set(new) if mutable is True else set(mutable)
     return out, {k: v for k, v in new.items() if k in keep and k != "params"}
+
+
+# What a module sows for one call (`self.sow("losses", name, value)`, as a linen module
+# sows): an auxiliary loss the step adds to the loss, and intermediates (dropped).
+_SOWN_TYPES = (variablelib.variable_type_from_name("losses", allow_register=True), nnx.Intermediate)
+
+
+def _call(module, x) -> tuple[Any, dict]:
+  """module(x) and the values it sowed, {collection: nested dict}. Through `nnx.capture`
+  where Flax has it (it deprecates sowing outside one); before, sown values stay on the
+  module, where `_variables` finds them."""
+  if not hasattr(nnx, "capture"):
+    return module(x), {}
+  out, *captured = nnx.capture(module, *_SOWN_TYPES)(x)
+  flat = {}
+  for var_type, state in zip(_SOWN_TYPES, captured, strict=True):
+    for path, var in nnx.to_flat_state(state):
+      flat[(_collection(var_type), *_key_str(path))] = var.get_value()
+  return out, traverse_util.unflatten_dict(flat)
