@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the replicated train state: save, keep, restore, check structure.
+"""Orbax checkpoints of the replicated train state: save, keep, restore (the checksums and
+the structure check a read checkpoint passes are in checkpoint_integrity.py).
 
 Faults, and what this module does about them:
 
@@ -27,13 +28,13 @@ import time
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
+from flaxtrain import checkpoint_integrity as integrity
 from flaxtrain.errors import UserError
 
 BEST_METRIC = "eval_accuracy"
@@ -147,7 +148,7 @@ class Checkpointer:
     metrics = {k: float(v) for k, v in (metrics or {}).items()}
     tree = flax.serialization.to_state_dict(state)
     try:
-      custom = {_CHECKSUMS_KEY: checksums(tree)}
+      custom = {_CHECKSUMS_KEY: integrity.checksums(tree)}
       saved = self.manager.save(
         step, args=ocp.args.StandardSave(tree), metrics=metrics, force=force, custom_metadata=custom
       )
@@ -509,18 +510,18 @@ def _read_step(manager, directory: str, step: int, tree, *, where: str, partial=
     # Read from the files: a CheckpointManager that has not saved yet returns None here.
     handler = ocp.PyTreeCheckpointHandler()
     try:
-      saved_d = _describe(handler.metadata(step_dir / ITEM_NAME))
+      saved_d = integrity.describe(handler.metadata(step_dir / ITEM_NAME))
     finally:
       handler.close()
   except Exception as e:  # noqa: BLE001 - whatever Orbax raises on damaged metadata.
     raise _Unreadable(f"its metadata: {_short(e)}") from e
   if not saved_d:
     raise _Unreadable(f"{step_dir / ITEM_NAME} holds no arrays")
-  target_d = _describe(tree)
+  target_d = integrity.describe(tree)
   if partial:
     prefixes = tuple(k.split("/")[0] for k in target_d)
     saved_d = {k: v for k, v in saved_d.items() if k.split("/")[0] in prefixes}
-  _check_described(saved_d, target_d, where=where, advice=advice)
+  integrity.check(saved_d, target_d, where=where, advice=advice)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
   try:
     if partial:
@@ -537,7 +538,7 @@ def _read_step(manager, directory: str, step: int, tree, *, where: str, partial=
   except Exception as e:  # noqa: BLE001 - any tensorstore/Orbax read error.
     raise _Unreadable(_short(e)) from e
   if recorded is not None:
-    actual = checksums(restored)
+    actual = integrity.checksums(restored)
     bad = [k for k, v in actual.items() if k in recorded and recorded[k] != v]
     if bad:
       raise _Unreadable(
@@ -560,133 +561,6 @@ def _recorded_checksums(step_dir: epath.Path) -> dict | None:
     raise _Unreadable(f"{meta_path} is damaged")
   custom = meta.get("custom_metadata") or {}
   return custom.get(_CHECKSUMS_KEY)  # None for checkpoints written without them.
-
-
-# ------------------------------------------------------------------ checksums
-
-
-def _leaf_bits(x):
-  """The bits of `x` as a flat uint32 vector (each element widened, not packed)."""
-  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
-  if x.dtype == jnp.bool_:
-    x = x.astype(jnp.uint8)
-  size = x.dtype.itemsize
-  if size == 8:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32).ravel()
-  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]
-  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).ravel()
-
-
-@jax.jit
-def _checksum_leaves(leaves):
-  # A position-weighted sum modulo 2**32 with odd weights: any single flipped bit changes
-  # it, and it is exact (integer), so it is the same for any device count or layout.
-  out = []
-  for x in leaves:
-    bits = _leaf_bits(x)
-    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
-    out.append(jnp.sum(bits * weights, dtype=jnp.uint32))
-  return jnp.stack(out) if out else jnp.zeros((0,), jnp.uint32)
-
-
-def checksums(tree) -> dict[str, int]:
-  """{entry: checksum} of every array in `tree` (computed on its devices)."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  keys, leaves = [], []
-  for path, leaf in flat:
-    dtype = getattr(leaf, "dtype", None)
-    if dtype is None or not hasattr(leaf, "shape"):
-      continue
-    if (
-      jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-      or dtype == jnp.bfloat16
-      or getattr(dtype, "kind", "") in "biuf"
-      and dtype.itemsize in (1, 2, 4, 8)
-    ):
-      keys.append(_path_str(path))
-      leaves.append(leaf)
-  if not leaves:
-    return {}
-  values = np.asarray(jax.device_get(_checksum_leaves(leaves)))
-  return {k: int(v) for k, v in zip(keys, values, strict=True)}
-
-
-# ------------------------------------------------------------ structure check
-
-
-def _path_str(path) -> str:
-  parts = []
-  for p in path:
-    for attr in ("key", "idx", "name"):
-      if hasattr(p, attr):
-        parts.append(str(getattr(p, attr)))
-        break
-    else:
-      parts.append(str(p))
-  return "/".join(parts)
-
-
-def _describe(tree) -> dict[str, tuple]:
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  out = {}
-  for path, leaf in flat:
-    shape = getattr(leaf, "shape", None)
-    out[_path_str(path)] = tuple(np.shape(leaf) if shape is None else shape)
-  return out
-
-
-# Where a difference is reported first, and what it most likely means.
-_GROUPS = (
-  ("params", "the model"),
-  ("model_state", "the model"),
-  ("opt_state", "the optimizer"),
-  ("step", "the train state"),
-)
-
-
-def _group(key: str) -> int:
-  top = key.split("/")[0]
-  return next((i for i, (g, _) in enumerate(_GROUPS) if g == top), len(_GROUPS))
-
-
-def check_structure(saved, target, *, where: str, advice: str | None = None):
-  """Raises a UserError naming the first entry where `saved` and `target` differ.
-
-  Params are compared before the optimizer state, so that another model is reported
-  as such; an optimizer whose state has other entries or shapes is caught too.
-  """
-  if saved is None:
-    return
-  saved = saved.tree if hasattr(saved, "tree") else saved
-  _check_described(_describe(saved), _describe(target), where=where, advice=advice)
-
-
-def _check_described(saved_d: dict, target_d: dict, *, where: str, advice: str | None):
-  keys = sorted(set(saved_d) | set(target_d), key=lambda k: (_group(k), k))
-  differ = [k for k in keys if saved_d.get(k) != target_d.get(k)]
-  if not differ:
-    return
-  logging.info("Checkpoint entries: %s", sorted(saved_d))
-  key = differ[0]
-  group = _GROUPS[_group(key)][1] if _group(key) < len(_GROUPS) else "the train state"
-
-  def shape(d, k):
-    return "missing" if d.get(k) is None else str(d[k])
-
-  more = ""
-  if len(differ) > 1:
-    nxt = differ[1]
-    more = (
-      f" ({len(differ) - 1} more differ, e.g. {nxt}: {shape(saved_d, nxt)} vs "
-      f"{shape(target_d, nxt)})"
-    )
-  advice = advice or "use a new --workdir or the config that wrote it"
-  raise UserError(
-    f"The checkpoint in {where} does not match what this config builds ({group} differs): "
-    f"entry {key} is {shape(saved_d, key)} in the checkpoint but {shape(target_d, key)} "
-    f"in the config{more}; {advice}."
-  )
 
 
 # -------------------------------------------------------------------- helpers
