@@ -6,8 +6,9 @@ torch is installed: a downloaded file never runs code) holding the state dict of
 
 * a torchvision or timm ResNet-18/34/50 (model.name resnet18/34/50): conv weights, the
   BatchNorm scales and offsets and their running statistics (into `batch_stats`);
-* a timm VisionTransformer (model.name vit with pool='token', posemb='learn'), mapped by
-  `models.vit.params_from_timm`.
+* a timm VisionTransformer with a class token (model.name vit with pool='token',
+  posemb='learn') or with global average pooling after its final norm (fc_norm=False;
+  pool='gap', posemb='learn'), mapped by `models.vit.params_from_timm`.
 
 The architecture is read from the keys and compared with the model's variables: a head
 with another class count keeps its fresh initialisation (one log line says so), anything
@@ -378,11 +379,7 @@ def torch_shape(shape: tuple) -> tuple:
 def _vit_variables(state_dict, params, path) -> dict:
   from flaxtrain.models import vit
 
-  if "cls_token" not in params or "pos_embed" not in params:
-    raise UserError(
-      f"init_from {path} holds a timm ViT, which has a class token and a learned position "
-      "embedding: set --config.model.pool=token --config.model.posemb=learn."
-    )
+  _check_vit_layout(state_dict, params, path)
   mapped = vit.params_from_timm(state_dict, params)
   # Each mapped leaf's timm key, for messages: 'weight' became 'kernel' or 'scale'.
   keys = {}
@@ -403,6 +400,29 @@ def _vit_variables(state_dict, params, path) -> dict:
   # params_from_timm maps the keys the file has; the model may have more.
   _check_complete(loaded, params, "params", path, "a timm ViT of another depth or layout")
   return loaded
+
+
+def _check_vit_layout(state_dict, params, path):
+  """The file's pooling and position embedding are the model's: a class token (pool='token')
+  or global average pooling after the final norm (pool='gap'), and a learned embedding."""
+  if any(k.startswith("fc_norm.") for k in state_dict):
+    raise UserError(
+      f"init_from {path} holds a timm ViT that normalises after pooling (fc_norm), which "
+      "flaxtrain's ViT does not build: use a ViT with a class token or with fc_norm=False."
+    )
+  pool = "token" if "cls_token" in state_dict else "gap"
+  if "pos_embed" not in state_dict or pool != ("token" if "cls_token" in params else "gap"):
+    raise UserError(
+      f"init_from {path} holds a timm ViT with "
+      + ("a class token" if pool == "token" else "global average pooling")
+      + f" and a learned position embedding: set --config.model.pool={pool} "
+      "--config.model.posemb=learn."
+    )
+  if "pos_embed" not in params:
+    raise UserError(
+      f"init_from {path} holds a timm ViT with a learned position embedding: set "
+      f"--config.model.posemb=learn (with --config.model.pool={pool})."
+    )
 
 
 def _names(path) -> tuple[str, ...]:

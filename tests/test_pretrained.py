@@ -101,26 +101,34 @@ def test_resnet_import_gives_torchvision_logits(torch, tmp_path, name, suffix):
   )
 
 
-def test_vit_import_gives_timm_logits(torch, tmp_path):
-  timm = pytest.importorskip("timm")
-  vit = pytest.importorskip("flaxtrain.models.vit")
-  from flax import nnx
+# timm's layouts of the two poolings flaxtrain's ViT builds: a class token, or global
+# average pooling after the final norm (fc_norm=False; timm's default for 'avg' would
+# normalise after pooling instead).
+TIMM_POOLS = {
+  "token": {},
+  "gap": {"class_token": False, "global_pool": "avg", "fc_norm": False},
+}
 
+
+def _timm_vit(torch, **kwargs):
+  timm = pytest.importorskip("timm")
   tm = timm.models.vision_transformer.VisionTransformer(
-    img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=7
+    img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=7, **kwargs
   )
   with torch.no_grad():
     for p in tm.parameters():  # timm zero-inits the head and biases: randomise all.
       p.normal_(0.0, 0.2)
-  tm.eval()
-  path = _save(torch, tm, str(tmp_path / "vit.safetensors"))
-  x = torch.rand(4, 3, 32, 32)
-  with torch.no_grad():
-    expected = tm(x).numpy()
+  return tm.eval()
+
+
+def _flaxtrain_vit(pool):
+  vit = pytest.importorskip("flaxtrain.models.vit")
+  from flax import nnx
+
   model = vit.ViT(
     7,
     image_shape=(32, 32, 3),
-    pool="token",
+    pool=pool,
     posemb="learn",
     width=64,
     depth=2,
@@ -130,12 +138,55 @@ def test_vit_import_gives_timm_logits(torch, tmp_path):
     rngs=nnx.Rngs(params=0, dropout=1),
   )
   model.eval()
-  params = jax.tree.map(jnp.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  return model, jax.tree.map(jnp.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize("pool", sorted(TIMM_POOLS))
+def test_vit_import_gives_timm_logits(torch, tmp_path, pool):
+  from flax import nnx
+
+  tm = _timm_vit(torch, **TIMM_POOLS[pool])
+  path = _save(torch, tm, str(tmp_path / "vit.safetensors"))
+  x = torch.rand(4, 3, 32, 32)
+  with torch.no_grad():
+    expected = tm(x).numpy()
+  model, params = _flaxtrain_vit(pool)
   params, state = checkpointing.load_init(path, params, {}, "vit")
   assert state == {}
   nnx.update(model, params)
   logits = model(jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
   np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+
+def test_a_timm_vit_of_another_pooling_fails_in_one_sentence(torch, tmp_path):
+  """The file's pooling decides the model's: each mismatch says which settings to use; a
+  ViT that normalises after pooling (timm's fc_norm) is refused by name."""
+  files = {
+    name: _save(torch, _timm_vit(torch, **kwargs), str(tmp_path / f"{name}.safetensors"))
+    for name, kwargs in [
+      *TIMM_POOLS.items(),
+      ("fc_norm", {"class_token": False, "global_pool": "avg"}),
+    ]
+  }
+  for file, model_pool, want in [
+    (
+      "token",
+      "gap",
+      "with a class token and a learned position embedding: set "
+      "--config.model.pool=token --config.model.posemb=learn.",
+    ),
+    (
+      "gap",
+      "token",
+      "with global average pooling and a learned position embedding: set "
+      "--config.model.pool=gap --config.model.posemb=learn.",
+    ),
+    ("fc_norm", "gap", "normalises after pooling (fc_norm)"),
+  ]:
+    _, params = _flaxtrain_vit(model_pool)
+    with pytest.raises(UserError) as e:
+      checkpointing.load_init(files[file], params, {}, "vit")
+    assert want in _one_sentence(e), (file, model_pool)
 
 
 def test_head_of_another_class_count_is_reinitialised_and_logged(torch, tmp_path, caplog):

@@ -283,7 +283,8 @@ def params_from_timm(state_dict: dict, params: dict) -> dict:
   """Maps a timm VisionTransformer state dict onto the pure-dict params of a ViT.
 
   `params` is `nnx.to_pure_dict(nnx.state(model, nnx.Param))` of a ViT built with
-  pool='token', posemb='learn' (only its structure is read; block indices may be ints, as
+  posemb='learn' and the file's pooling, pool='token' for a class token or 'gap' for global
+  average pooling (only its structure is read; block indices may be ints, as
   NNX spells them, or strings, as flaxtrain's variables do, and the result spells them
   the same way). Returns a pure dict
   of float32 numpy arrays holding exactly the state dict's keys, converted: conv weights
@@ -308,7 +309,7 @@ def params_from_timm(state_dict: dict, params: dict) -> dict:
     if target is None or isinstance(target, dict):
       raise UserError(
         f"The timm checkpoint key {key!r} has no place in flaxtrain's ViT "
-        "(pool='token', posemb='learn'); load a plain timm VisionTransformer checkpoint."
+        "(posemb='learn'); load a plain timm VisionTransformer checkpoint."
       )
     if path[0] != "head" and tuple(value.shape) != tuple(np.shape(target)):
       raise UserError(
