@@ -410,8 +410,13 @@ def _check_vit_layout(state_dict, params, path):
       f"init_from {path} holds a timm ViT that normalises after pooling (fc_norm), which "
       "flaxtrain's ViT does not build: use a ViT with a class token or with fc_norm=False."
     )
+  if "pos_embed" not in state_dict:
+    raise UserError(
+      f"init_from {path} holds a timm ViT without a position embedding (pos_embed), which "
+      "flaxtrain's ViT does not build: use a ViT with a learned position embedding."
+    )
   pool = "token" if "cls_token" in state_dict else "gap"
-  if "pos_embed" not in state_dict or pool != ("token" if "cls_token" in params else "gap"):
+  if pool != ("token" if "cls_token" in params else "gap"):
     raise UserError(
       f"init_from {path} holds a timm ViT with "
       + ("a class token" if pool == "token" else "global average pooling")
