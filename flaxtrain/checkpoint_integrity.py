@@ -14,6 +14,7 @@ import numpy as np
 from absl import logging
 
 from flaxtrain.errors import UserError
+from flaxtrain.optimizers import path_str
 
 
 def _leaf_bits(x):
@@ -61,19 +62,6 @@ def checksums(tree) -> dict[str, int]:
     return {}
   values = np.asarray(jax.device_get(_checksum_leaves(leaves)))
   return {k: int(v) for k, v in zip(keys, values, strict=True)}
-
-
-def path_str(path) -> str:
-  """'params/Dense_0/kernel': a tree path as a checkpoint entry's name."""
-  parts = []
-  for p in path:
-    for attr in ("key", "idx", "name"):
-      if hasattr(p, attr):
-        parts.append(str(getattr(p, attr)))
-        break
-    else:
-      parts.append(str(p))
-  return "/".join(parts)
 
 
 def describe(tree) -> dict[str, tuple]:
