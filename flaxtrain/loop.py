@@ -60,12 +60,14 @@ def train_and_evaluate(
   exp = Experiment(config, par)
   par, plan = exp.par, exp.plan
   logging.info(
-    "Devices: %s; global batch %d = %d per device; %d steps (%d per epoch); data %s.",
+    "Devices: %s; global batch %d = %d per device; %d steps (%d per epoch, up to %d per "
+    "dispatch); data %s.",
     par.describe(),
     config.batch_size,
     config.batch_size // par.num_devices,
     plan.total_steps,
     plan.steps_per_epoch,
+    plan.steps_per_dispatch,
     exp.data.description,
   )
   if progress is not None:

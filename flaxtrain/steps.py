@@ -422,6 +422,31 @@ def init_state(
 _INIT_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
 
 
+def has_convolutions(model, image_shape) -> bool:
+  """Whether the model's forward pass has a convolution: traced on shapes, nothing run."""
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  init, variables = jax.make_jaxpr(
+    lambda x: model.init({"params": jax.random.key(0)}, x, train=False), return_shape=True
+  )(x)
+  if _uses(init.jaxpr, "conv_general_dilated"):  # A linen init runs the forward pass.
+    return True
+  forward = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  return _uses(forward.jaxpr, "conv_general_dilated")
+
+
+def _uses(jaxpr, primitive: str) -> bool:
+  """Whether `jaxpr` or any jaxpr inside it (loops, conditionals, custom rules) has it."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == primitive:
+      return True
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, tuple | list) else (param,):
+        sub = getattr(sub, "jaxpr", sub)  # A ClosedJaxpr holds a Jaxpr.
+        if hasattr(sub, "eqns") and _uses(sub, primitive):
+          return True
+  return False
+
+
 def param_shapes(model, image_shape):
   """The params tree as shapes (nothing initialised), e.g. for optimizers.make."""
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)

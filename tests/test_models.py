@@ -3,9 +3,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import load_config
+from flax import linen as nn
+from flax import nnx
 
-from flaxtrain import models
+from flaxtrain import models, steps
 from flaxtrain.errors import UserError
+from flaxtrain.models import adapters
 
 # Pinned so that a change to a model's definition cannot go unnoticed.
 PARAM_COUNTS = {"fashion_cnn": 824_458, "fashion_mlp": 101_770, "fashion_resnet": 697_130}
@@ -181,3 +184,51 @@ def test_initial_state_is_the_initializer_at_xlas_default_optimization(name):
   assert all(
     np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
   )
+
+
+class _Nested(nn.Module):
+  """Its only convolution (or Dense layer) runs rematerialised: a jaxpr inside the jaxpr."""
+
+  conv: bool
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.remat(nn.Conv)(4, (3, 3))(x) if self.conv else nn.remat(nn.Dense)(4)(x)
+    return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+class _NNXNet(nnx.Module):
+  """NNX: its init builds the layers without running the forward pass."""
+
+  def __init__(self, conv: bool, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs) if conv else None
+    self.head = nnx.Linear(28 * 28 * (4 if conv else 1), 10, rngs=rngs)
+
+  def __call__(self, x):
+    if self.conv is not None:
+      x = self.conv(x)
+    return self.head(x.reshape((x.shape[0], -1)))
+
+
+@pytest.mark.parametrize(
+  "config,expected",
+  [
+    ("fashion_mlp", False),
+    ("fashion_autoencoder", False),
+    ("fashion_cnn", True),
+    ("fashion_resnet", True),
+    ("fashion_vit", True),  # Its patch embedding.
+  ],
+)
+def test_has_convolutions_of_the_registered_models(config, expected):
+  """The CPU's default steps_per_dispatch follows it (experiment.default_steps_per_dispatch)."""
+  model = models.get(load_config(config).model, 10, image_shape=(28, 28, 1))
+  assert steps.has_convolutions(model, (28, 28, 1)) is expected
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_has_convolutions_finds_nested_and_nnx_convolutions(conv):
+  linen = adapters.LinenModel(_Nested(conv=conv))
+  nnx_model = adapters.NNXModel(_NNXNet, {"conv": conv})
+  assert steps.has_convolutions(linen, (28, 28, 1)) is conv
+  assert steps.has_convolutions(nnx_model, (28, 28, 1)) is conv
