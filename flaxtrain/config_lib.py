@@ -25,7 +25,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = config_dict.placeholder(int)  # Default: once per epoch.
   c.keep_checkpoints = 3  # The newest N are kept, plus the best by eval accuracy.
   # Train steps run per device dispatch (lax loop on device); log/eval/checkpoint
-  # steps stay exact. 0 picks a default for the platform.
+  # steps stay exact. 0 picks a default: 25, or 1 on a CPU for a model with convolutions.
   c.steps_per_dispatch = 0
   # 'error' stops at a NaN/Inf loss or gradient without applying it; 'skip' drops the
   # update and counts it in the metrics.
