@@ -86,7 +86,8 @@ def data_and_devices(exp) -> str:
       f"Devices: {par.describe()}.",
       f"Batch {batch:,} = {batch // par.num_devices:,} per device; "
       f"{plan.steps_per_epoch:,} steps per epoch; {plan.total_steps:,} steps "
-      f"({epochs:g} epochs); eval batch {exp.data.plan.eval_batch_size:,}.",
+      f"({epochs:g} epochs), up to {plan.steps_per_dispatch} per dispatch; eval batch "
+      f"{exp.data.plan.eval_batch_size:,}.",
     ]
   )
 

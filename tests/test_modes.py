@@ -54,7 +54,7 @@ def test_describe_reports_changes_sizes_params_and_time(run):
   )
   assert "model.features" in text and "[32, 64] -> [8, 16]" in text
   assert "2,048 train / 500 eval examples of 28x28x1, 10 classes" in text
-  assert "= 16 per device; 32 steps per epoch; 64 steps (2 epochs)" in text
+  assert "= 16 per device; 32 steps per epoch; 64 steps (2 epochs), up to 1 per dispatch" in text
   assert f"Total: {TINY_PARAMS:,}" in text
   assert "FLOPs per example (XLA cost analysis):" in text and "n/a" not in text
   assert "ms per train step" in text and "per epoch" in text
