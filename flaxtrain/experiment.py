@@ -141,23 +141,21 @@ def _validate_profile(config, par):
     )
 
 
-def default_steps_per_dispatch(platform: str, convolutions: bool) -> int:
+def default_steps_per_dispatch(platform: str, convolutions) -> int:
   """25 train steps per device launch (fewer launches, fewer host round trips), except on
   the CPU for a model with convolutions: XLA:CPU runs those ~11x slower inside a loop
   (fashion_cnn: 267 against 3,088 examples/s), and their steps are long enough that a
   launch per step costs little. The MLP of configs/fashion_mlp.py runs ~1.7x faster at 25
-  than at 1 on a CPU (scripts/bench_overhead.py)."""
-  return 1 if platform == "cpu" and convolutions else 25
+  than at 1 on a CPU (scripts/bench_overhead.py). `convolutions()` says whether the model
+  has any; it is asked only on a CPU (it traces the model)."""
+  return 1 if platform == "cpu" and convolutions() else 25
 
 
 def make_plan(
   config, steps_per_epoch: int, platform: str = "cpu", convolutions=lambda: True
 ) -> Plan:
-  """`convolutions`: whether the model has any (a callable: asked only where it matters)."""
   total = config.num_train_steps or config.num_epochs * steps_per_epoch
-  dispatch = config.steps_per_dispatch or default_steps_per_dispatch(
-    platform, platform == "cpu" and convolutions()
-  )
+  dispatch = config.steps_per_dispatch or default_steps_per_dispatch(platform, convolutions)
   profile = None
   if config.get("profile_steps") is not None:
     start, count = config.profile_steps

@@ -117,7 +117,7 @@ def worker_bare(spec: dict) -> dict:
     "final_loss": loss,
     "platform": jax.default_backend(),
     "default_steps_per_dispatch": experiment.default_steps_per_dispatch(
-      jax.default_backend(), steps.has_convolutions(model, train_x.shape[1:])
+      jax.default_backend(), lambda: steps.has_convolutions(model, train_x.shape[1:])
     ),
     "devices": 1,
   }
