@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from flaxtrain import metrics as metrics_lib
-from flaxtrain import parallel
+from flaxtrain import optimizers, parallel
 from flaxtrain.data import augment, mix
 from flaxtrain.data import plan as plan_lib
 from flaxtrain.errors import UserError
@@ -120,9 +120,32 @@ def make_train_chunk(
   # A linear probe (optimizer.freeze='backbone') runs the frozen backbone as it is
   # evaluated: BatchNorm with its running statistics, which stay as they are, and no
   # dropout or stochastic depth (as MoCo's and timm's linear probes put it in eval mode).
-  probe = config.optimizer.get("freeze", "none") == "backbone"
+  freeze = config.optimizer.get("freeze", "none")
+  probe = freeze == "backbone"
+
+  # Frozen parameters (optimizer.freeze) get no gradient at all: the backward pass stops at
+  # them (a linear probe runs the backbone forward only), and the gradients that are
+  # summed, averaged across devices and checked for NaN are a list of the trained leaves.
+  def frozen_flags(tree) -> list[bool]:
+    if freeze == "none":
+      return [False] * len(jax.tree.leaves(tree))
+    return jax.tree.leaves(optimizers.frozen(tree, freeze))
+
+  def trained(tree) -> list:
+    """The leaves of a params-like tree that the optimizer trains."""
+    return [x for x, f in zip(jax.tree.leaves(tree), frozen_flags(tree), strict=True) if not f]
+
+  def with_frozen(params, leaves, frozen_leaf):
+    """`params`' tree with the trained `leaves` and frozen_leaf(p) for each frozen p."""
+    flat, treedef = jax.tree.flatten(params)
+    it = iter(leaves)
+    return treedef.unflatten(
+      [frozen_leaf(p) if f else next(it) for p, f in zip(flat, frozen_flags(params), strict=True)]
+    )
 
   def micro_loss(params, model_state, x, batch, rng):
+    if freeze != "none":
+      params = with_frozen(params, trained(params), jax.lax.stop_gradient)
     variables = {"params": params, **model_state}
     mutable = [*model_state, "losses"]
     outputs, new_vars = model.apply(
@@ -134,10 +157,16 @@ def make_train_chunk(
     loss = jnp.mean(per_example) + aux
     return loss, (new_state, per_example, task_metrics, aux)
 
-  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+  value_and_grad = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def grad_fn(params, *args):
+    """(loss, aux), the gradients of the trained leaves (a list)."""
+    out, grads = value_and_grad(params, *args)
+    return out, trained(grads)
 
   def gradients(params, model_state, x, batch, rng):
-    """Mean loss gradient over this device's batch, in `accum` sequential micro-batches."""
+    """Mean loss gradients (of the trained leaves) over this device's batch, in `accum`
+    sequential micro-batches."""
     if accum == 1:
       (_, (model_state, per_example, task_metrics, aux)), grads = grad_fn(
         params, model_state, x, batch, rng
@@ -156,7 +185,7 @@ def make_train_chunk(
       grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
       return (grads_sum, model_state, aux_sum + aux), (per_example, task_metrics)
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = [jnp.zeros_like(p) for p in trained(params)]
     carry = (zeros, model_state, jnp.float32(0.0))
     (grads, model_state, aux), (per_example, task_metrics) = jax.lax.scan(
       body, carry, (jnp.arange(accum), split(x), jax.tree.map(split, batch))
@@ -248,6 +277,7 @@ def make_train_chunk(
     # From the averaged loss and gradients: every device decides the same.
     finite = all_finite(loss, grads)
     applied = finite & allowed  # The same on every device: both are.
+    grads = with_frozen(state.params, grads, jnp.zeros_like)  # The optimizer's tree.
 
     def update(grads, params, opt_state, ema_params):
       updates, opt_state = tx.update(grads, opt_state, params)

@@ -69,6 +69,46 @@ def test_a_linear_probe_keeps_the_backbone_and_its_batch_stats_as_they_were(synt
     assert (moved > 0) == (name == "Dense_0"), name
 
 
+def _convolutions(exp) -> int:
+  """Convolutions in the optimized program of one train step."""
+  state = exp.init_state()
+  exp.train_chunk(state, 0, 1)  # Compiles it with the input's specs.
+  batches = exp.data.train_batches(0, 1, exp.plan.steps_per_dispatch)
+  hlo = (
+    exp._train_chunk.lower(state, batches.inputs, np.int32(1), exp._no_metrics, exp._no_bad)
+    .compile()
+    .as_text()
+  )
+  return hlo.count(" convolution(")
+
+
+def test_a_linear_probe_runs_the_backbone_forward_only(synthetic_data):
+  """No gradient of a frozen parameter is computed (nor averaged, nor checked for NaN): the
+  probe's step has the forward pass's convolutions and none of the backward's (it had all
+  of them before: the non-finite guard read the backbone's gradients)."""
+  probe = experiment.Experiment(_small_resnet(**{"optimizer.freeze": "backbone"}))
+  kernels = [p for p in jax.tree.leaves(probe.init_state().params) if p.ndim == 4]
+  assert _convolutions(probe) == len(kernels)
+  assert _convolutions(experiment.Experiment(_small_resnet())) > 2 * len(kernels)
+
+
+@pytest.mark.parametrize(
+  "path", [{}, {"grad_accum_steps": 2}, {"topology_invariant_shards": 8}], ids=str
+)
+def test_frozen_layers_stay_and_the_rest_trains_on_every_gradient_path(synthetic_data, path):
+  """A regex freeze of the first convolution: it stays bitwise, the rest moves, and the
+  accumulated and topology-invariant gradients train as the plain one does."""
+  freeze = {"optimizer.freeze": "Conv_0"}
+  fresh = experiment.Experiment(tiny_config(**freeze))
+  before = fresh.par.to_host(fresh.init_state().params)
+  _, plain = _run(fresh, 3)
+  _, other = _run(experiment.Experiment(tiny_config(**freeze, **path)), 3)
+  after = other[-1].params
+  assert _max_diff(after["Conv_0"], before["Conv_0"]) == 0
+  assert all(_max_diff(after[k], before[k]) > 1e-4 for k in before if k != "Conv_0")
+  assert _max_diff(after, plain[-1].params) < 2e-5
+
+
 def test_batchnorm_training_does_not_depend_on_the_device_count(synthetic_data):
   """Statistics over the global batch: 1 device and 4 devices take the same steps."""
   c = _small_resnet()
