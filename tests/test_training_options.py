@@ -69,6 +69,57 @@ def test_a_linear_probe_keeps_the_backbone_and_its_batch_stats_as_they_were(synt
     assert (moved > 0) == (name == "Dense_0"), name
 
 
+def test_a_regex_freeze_keeps_its_batchnorm_statistics(synthetic_data):
+  """optimizer.freeze=<regex>: a BatchNorm whose scale and bias are both frozen normalises
+  with its running statistics and keeps them bitwise (timm's FrozenBatchNorm2d); every
+  other BatchNorm, one with only its scale frozen too, updates its own."""
+  freeze = "conv_init|bn_init|BasicBlock_0/|BasicBlock_1/norm_proj/scale"
+  exp = experiment.Experiment(_small_resnet(**{"optimizer.freeze": freeze}))
+  before = exp.par.to_host(exp.init_state())
+  state, _ = _run(exp, 3)
+  after = exp.par.to_host(state)
+  old, new = before.model_state["batch_stats"], after.model_state["batch_stats"]
+  frozen = [("bn_init",), ("BasicBlock_0", "BatchNorm_0"), ("BasicBlock_0", "BatchNorm_1")]
+  updated = [("BasicBlock_1", "BatchNorm_0"), ("BasicBlock_1", "norm_proj")]
+  get = lambda tree, path: tree[path[0]] if len(path) == 1 else tree[path[0]][path[1]]  # noqa: E731
+  for path in frozen:
+    assert _max_diff(get(new, path), get(old, path)) == 0, path
+  for path in updated:
+    assert _max_diff(get(new, path), get(old, path)) > 1e-4, path
+  assert _max_diff(after.params["BasicBlock_0"], before.params["BasicBlock_0"]) == 0
+  assert _max_diff(after.params["BasicBlock_1"], before.params["BasicBlock_1"]) > 1e-4
+
+
+@pytest.mark.parametrize("by", ["field", "keyword", "position"])
+def test_frozen_batchnorm_uses_running_statistics_however_the_model_sets_them(by):
+  """The interceptor works whether a model sets use_running_average on the module or
+  passes it at call time (by keyword or position); an unmatched BatchNorm is left alone."""
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+      def norm(name):
+        if by == "field":
+          return nn.BatchNorm(use_running_average=not train, name=name)(x)
+        if by == "keyword":
+          return nn.BatchNorm(name=name)(x, use_running_average=not train)
+        return nn.BatchNorm(name=name)(x, not train)
+
+      return norm("frozen"), norm("free")
+
+  x = jax.random.normal(jax.random.key(0), (16, 4)) * 3.0 + 2.0
+  variables = Net().init(jax.random.key(1), x, train=False)
+  with nn.intercept_methods(steps.frozen_batchnorm("^frozen/")):
+    (frozen, free), new = Net().apply(variables, x, train=True, mutable=["batch_stats"])
+  eval_frozen, _ = Net().apply(variables, x, train=False)
+  np.testing.assert_allclose(frozen, eval_frozen, rtol=1e-6)  # Running statistics.
+  assert float(jnp.abs(jnp.mean(free, axis=0)).max()) < 1e-5  # Batch statistics.
+  stats = variables["batch_stats"]
+  assert _max_diff(new["batch_stats"]["frozen"], stats["frozen"]) == 0
+  assert _max_diff(new["batch_stats"]["free"], stats["free"]) > 1e-3
+
+
 def _convolutions(exp) -> int:
   """Convolutions in the optimized program of one train step."""
   state = exp.init_state()
