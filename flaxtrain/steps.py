@@ -5,14 +5,12 @@ device's share of the batch, collectives through `parallel`. `experiment.Experim
 builds and compiles these; the loop never calls them directly.
 """
 
-import contextlib
 import functools
 import os
 import re
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -84,35 +82,6 @@ def all_finite(loss, grads) -> jax.Array:
   return jnp.isfinite(loss) & finite
 
 
-def frozen_batchnorm(freeze: str):
-  """A linen method interceptor for optimizer.freeze=<regex>: a BatchNorm whose scale and
-  bias are frozen normalises with its running statistics and leaves them as they are, in
-  training too (timm's FrozenBatchNorm2d). NNX models' BatchNorm is not intercepted."""
-  pattern = re.compile(freeze)
-
-  def interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if context.method_name == "__call__" and isinstance(module, nn.BatchNorm):
-      path = "/".join(str(k) for k in module.path)
-      names = [n for n, on in (("scale", module.use_scale), ("bias", module.use_bias)) if on]
-      if names and all(pattern.search(f"{path}/{n}") for n in names):
-        if module.use_running_average is None:  # Given at call time.
-          if len(args) > 1:
-            args = (args[0], True, *args[2:])
-          else:
-            kwargs = {**kwargs, "use_running_average": True}
-        else:  # A field of the (frozen) module, set for this call only.
-          train = module.use_running_average
-          object.__setattr__(module, "use_running_average", True)
-          try:
-            return next_fun(*args, **kwargs)
-          finally:
-            object.__setattr__(module, "use_running_average", train)
-    return next_fun(*args, **kwargs)
-
-  return interceptor
-
-
 def _finite_by_reduction(*leaves):
   """all(isfinite) per leaf: one fused pass over each on an accelerator."""
   return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(g)) for g in leaves])
@@ -154,12 +123,8 @@ def make_train_chunk(
   # dropout or stochastic depth (as MoCo's and timm's linear probes put it in eval mode).
   freeze = config.optimizer.get("freeze", "none")
   probe = freeze == "backbone"
-  # A regex freeze keeps the frozen BatchNorm layers' statistics too (`frozen_batchnorm`).
-  frozen_norms = (
-    functools.partial(nn.intercept_methods, frozen_batchnorm(freeze))
-    if freeze not in ("none", "backbone")
-    else contextlib.nullcontext
-  )
+  # A regex freeze keeps the frozen BatchNorm layers' statistics too (models/adapters.py).
+  norms = {} if freeze in ("none", "backbone") else {"frozen_norms": re.compile(freeze).search}
 
   # Frozen parameters (optimizer.freeze) get no gradient at all: the backward pass stops at
   # them (a linear probe runs the backbone forward only), and the gradients that are
@@ -186,10 +151,9 @@ def make_train_chunk(
       params = with_frozen(params, trained(params), jax.lax.stop_gradient)
     variables = {"params": params, **model_state}
     mutable = [*model_state, "losses"]
-    with frozen_norms():
-      outputs, new_vars = model.apply(
-        variables, x, train=not probe, rngs={"dropout": rng}, mutable=mutable
-      )
+    outputs, new_vars = model.apply(
+      variables, x, train=not probe, rngs={"dropout": rng}, mutable=mutable, **norms
+    )
     aux = _sum_losses(new_vars.get("losses", {}))
     new_state = model_state if probe else {k: v for k, v in new_vars.items() if k != "losses"}
     per_example, task_metrics = task.loss(outputs, batch, x)

@@ -1,16 +1,20 @@
 """BatchNorm, EMA, gradient accumulation, bfloat16, augmentation, auxiliary losses and
 the reconstruction task, on 4 fake CPU devices and synthetic data."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 from conftest import load_config, tiny_config
+from flax import nnx
 
 from flaxtrain import experiment, loop, parallel, steps
 from flaxtrain.data import augment
 from flaxtrain.errors import UserError
+from flaxtrain.models import adapters
 
 
 def _small_resnet(**overrides):
@@ -90,10 +94,7 @@ def test_a_regex_freeze_keeps_its_batchnorm_statistics(synthetic_data):
   assert _max_diff(after.params["BasicBlock_1"], before.params["BasicBlock_1"]) > 1e-4
 
 
-@pytest.mark.parametrize("by", ["field", "keyword", "position"])
-def test_frozen_batchnorm_uses_running_statistics_however_the_model_sets_them(by):
-  """The interceptor works whether a model sets use_running_average on the module or
-  passes it at call time (by keyword or position); an unmatched BatchNorm is left alone."""
+def _linen_norms(by):
   import flax.linen as nn
 
   class Net(nn.Module):
@@ -108,13 +109,34 @@ def test_frozen_batchnorm_uses_running_statistics_however_the_model_sets_them(by
 
       return norm("frozen"), norm("free")
 
+  return adapters.LinenModel(Net())
+
+
+class _NNXNorms(nnx.Module):
+  def __init__(self, rngs):
+    self.frozen = nnx.BatchNorm(4, rngs=rngs)
+    self.free = nnx.BatchNorm(4, rngs=rngs)
+
+  def __call__(self, x):
+    return self.frozen(x), self.free(x)
+
+
+@pytest.mark.parametrize("by", ["field", "keyword", "position", "nnx"])
+def test_frozen_batchnorm_uses_running_statistics_in_linen_and_nnx_models(by):
+  """A frozen BatchNorm (frozen_norms matches its scale and bias) normalises with its
+  running statistics and keeps them, however a linen model sets use_running_average (on
+  the module, or at call time by keyword or position) and in an NNX model; an unmatched
+  BatchNorm normalises with the batch's and updates its statistics."""
+  model = adapters.NNXModel(_NNXNorms, {}) if by == "nnx" else _linen_norms(by)
   x = jax.random.normal(jax.random.key(0), (16, 4)) * 3.0 + 2.0
-  variables = Net().init(jax.random.key(1), x, train=False)
-  with nn.intercept_methods(steps.frozen_batchnorm("^frozen/")):
-    (frozen, free), new = Net().apply(variables, x, train=True, mutable=["batch_stats"])
-  eval_frozen, _ = Net().apply(variables, x, train=False)
-  np.testing.assert_allclose(frozen, eval_frozen, rtol=1e-6)  # Running statistics.
-  assert float(jnp.abs(jnp.mean(free, axis=0)).max()) < 1e-5  # Batch statistics.
+  variables = model.init({"params": jax.random.key(1)}, x, train=False)
+  frozen = re.compile("^frozen/").search
+  (out, free), new = model.apply(
+    variables, x, train=True, mutable=["batch_stats"], frozen_norms=frozen
+  )
+  eval_out, _ = model.apply(variables, x, train=False)
+  np.testing.assert_allclose(out, eval_out, rtol=1e-6)  # Running statistics.
+  assert float(jnp.abs(jnp.mean(free, axis=0)).max()) < 1e-5  # The batch's.
   stats = variables["batch_stats"]
   assert _max_diff(new["batch_stats"]["frozen"], stats["frozen"]) == 0
   assert _max_diff(new["batch_stats"]["free"], stats["free"]) > 1e-3

@@ -24,9 +24,14 @@ checkpoint layout and one optimizer path:
   as for linen. Train/eval mode is NNX's `model.train()` / `model.eval()`. What the
   module sows for a call (`self.sow("losses", ...)`, as in linen) comes back as the
   'losses' collection, through `nnx.capture`.
+
+Both take `frozen_norms` in training (optimizer.freeze's regex, a predicate over 'a/b/c'
+parameter paths): a BatchNorm whose scale and bias both match normalises with its running
+statistics and keeps them (timm's FrozenBatchNorm2d).
 """
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -36,6 +41,40 @@ from flax import nnx, traverse_util
 from flax.nnx import variablelib
 
 from flaxtrain.errors import UserError
+
+
+def _is_frozen_norm(path, module, frozen: Callable[[str], bool]) -> bool:
+  """Whether BatchNorm `module` at `path` (its keys) has every affine parameter frozen."""
+  names = [n for n, on in (("scale", module.use_scale), ("bias", module.use_bias)) if on]
+  prefix = "/".join(str(k) for k in path)
+  return bool(names) and all(frozen(f"{prefix}/{n}") for n in names)
+
+
+def _linen_frozen_norms(frozen: Callable[[str], bool]):
+  """A linen method interceptor: frozen BatchNorms use their running statistics."""
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if (
+      context.method_name == "__call__"
+      and isinstance(module, nn.BatchNorm)
+      and _is_frozen_norm(module.path, module, frozen)
+    ):
+      if module.use_running_average is None:  # Given at call time.
+        if len(args) > 1:
+          args = (args[0], True, *args[2:])
+        else:
+          kwargs = {**kwargs, "use_running_average": True}
+      else:  # A field of the (frozen) module, set for this call only.
+        train = module.use_running_average
+        object.__setattr__(module, "use_running_average", True)
+        try:
+          return next_fun(*args, **kwargs)
+        finally:
+          object.__setattr__(module, "use_running_average", train)
+    return next_fun(*args, **kwargs)
+
+  return interceptor
 
 
 def _takes(fn, name: str) -> bool:
@@ -61,10 +100,13 @@ class LinenModel:
   def init(self, rngs, x, train: bool = False, **kwargs):
     return self.module.init(rngs, x, **self._train(train), **kwargs)
 
-  def apply(self, variables, x, train: bool = False, **kwargs):
+  def apply(self, variables, x, train: bool = False, frozen_norms=None, **kwargs):
     if "method" in kwargs:  # Another method (e.g. an autoencoder's encode): as written.
       return self.module.apply(variables, x, **kwargs)
-    return self.module.apply(variables, x, **self._train(train), **kwargs)
+    if frozen_norms is None or not train:
+      return self.module.apply(variables, x, **self._train(train), **kwargs)
+    with nn.intercept_methods(_linen_frozen_norms(frozen_norms)):
+      return self.module.apply(variables, x, **self._train(train), **kwargs)
 
 
 # Collections of NNX variable types that are not carried between calls.
@@ -154,13 +196,20 @@ class NNXModel:
       flat.append((path, var.copy(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
-  def apply(self, variables, x, train: bool = False, rngs=None, mutable=False, **kwargs):
+  def apply(
+    self, variables, x, train: bool = False, rngs=None, mutable=False, frozen_norms=None, **kwargs
+  ):
     if kwargs:
-      raise TypeError(f"NNX models take no apply arguments beyond train/rngs/mutable: {kwargs}")
+      raise TypeError(
+        f"NNX models take no apply arguments beyond train/rngs/mutable/frozen_norms: {kwargs}"
+      )
     dropout_key = (rngs or {}).get("dropout", jax.random.key(0))
     module = self._merge(variables, dropout_key)
     if train:
       module.train()
+      for path, m in nnx.iter_graph(module) if frozen_norms else ():
+        if isinstance(m, nnx.BatchNorm) and _is_frozen_norm(path, m, frozen_norms):
+          m.use_running_average = True
     else:
       module.eval()
     out, sown = _call(module, x)
