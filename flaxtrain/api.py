@@ -38,6 +38,7 @@ from flaxtrain import (
 )
 from flaxtrain.data import prepare
 from flaxtrain.errors import UserError
+from flaxtrain.models import analysis
 
 
 @dataclasses.dataclass
@@ -135,7 +136,7 @@ def load(workdir: str, step: int | str = "latest") -> Run:
     config.schedule,
     steps_per_epoch=steps_per_epoch,
     total_steps=config.num_train_steps or config.num_epochs * steps_per_epoch,
-    params=lambda: steps.param_shapes(model, spec.image_shape),
+    params=lambda: analysis.param_shapes(model, spec.image_shape),
   )
   par = parallel.DataParallel(jax.local_devices()[:1])
   target = steps.init_state(

@@ -16,6 +16,7 @@ from flaxtrain import checkpointing, models, optimizers, parallel, steps, tasks
 from flaxtrain import metrics as metrics_lib
 from flaxtrain.data import mix, sources
 from flaxtrain.errors import UserError
+from flaxtrain.models import analysis
 from flaxtrain.steps import DTYPES, TrainState
 
 
@@ -201,7 +202,7 @@ class Experiment:
       config,
       self.data.plan.steps_per_epoch,
       par.devices[0].platform,
-      lambda: steps.has_convolutions(self.model, self.spec.image_shape),
+      lambda: analysis.has_convolutions(self.model, self.spec.image_shape),
     )
     self.task = tasks.get(config.task, self.spec.num_classes)
     self.tx, self.schedule = optimizers.make(
@@ -210,7 +211,7 @@ class Experiment:
       steps_per_epoch=self.plan.steps_per_epoch,
       total_steps=self.plan.total_steps,
       # Shapes only, traced only for optimizer.layer_decay/freeze (they read the paths).
-      params=lambda: steps.param_shapes(self.model, self.spec.image_shape),
+      params=lambda: analysis.param_shapes(self.model, self.spec.image_shape),
     )
     self.train_metrics = metrics_lib.train_metrics(self.task.metric_names)
     self.eval_metrics = metrics_lib.eval_metrics(self.task.metric_names)
@@ -364,7 +365,7 @@ class Experiment:
 
   def train_step_flops(self) -> float | None:
     """XLA's FLOPs of one global train step (forward and backward, all devices)."""
-    flops = steps.step_flops(
+    flops = analysis.step_flops(
       self.model,
       self.task,
       self.spec.image_shape,

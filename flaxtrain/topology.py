@@ -28,6 +28,7 @@ from flaxtrain import metrics as metrics_lib
 from flaxtrain.data import augment, memory, prepare, sources
 from flaxtrain.data.plan import IndexPlan
 from flaxtrain.errors import UserError
+from flaxtrain.models import analysis
 
 GiB = 1 << 30
 # Share of a chip's HBM a step may use: the rest is kept for the runtime (libtpu's own
@@ -413,7 +414,7 @@ def _lower(config, model_cfg, data: DataSpec, plan, par, batch: int):
     config.schedule,
     steps_per_epoch=plan.steps_per_epoch,
     total_steps=plan.total_steps,
-    params=lambda: steps.param_shapes(model, data.image_shape),
+    params=lambda: analysis.param_shapes(model, data.image_shape),
   )
   chunk = steps.make_train_chunk(
     model,

@@ -53,9 +53,9 @@ def worker_bare(spec: dict) -> dict:
   import numpy as np
   import optax
 
-  from flaxtrain import config_files, experiment, optimizers, steps
+  from flaxtrain import config_files, experiment, optimizers
   from flaxtrain.data import plan as plan_lib
-  from flaxtrain.models import simple
+  from flaxtrain.models import analysis, simple
 
   config = config_files.load(os.path.join(bench.ROOT, spec["config"]))
   if spec["model"] == "logreg":
@@ -117,7 +117,7 @@ def worker_bare(spec: dict) -> dict:
     "final_loss": loss,
     "platform": jax.default_backend(),
     "default_steps_per_dispatch": experiment.default_steps_per_dispatch(
-      jax.default_backend(), lambda: steps.has_convolutions(model, train_x.shape[1:])
+      jax.default_backend(), lambda: analysis.has_convolutions(model, train_x.shape[1:])
     ),
     "devices": 1,
   }

@@ -133,6 +133,7 @@ def worker_flaxtrain(spec: dict) -> dict:
     tasks,
   )
   from flaxtrain.data import memory
+  from flaxtrain.models import analysis
 
   def on_event(event, seconds, **kwargs):
     if event.startswith("/jax/core/compile/"):
@@ -287,7 +288,7 @@ def worker_flaxtrain(spec: dict) -> dict:
   model = models.get(
     config.model, ds.num_classes, steps.DTYPES[config.compute_dtype], ds.image_shape
   )
-  flops_per_device = steps.step_flops(
+  flops_per_device = analysis.step_flops(
     model,
     tasks.get(config.task, ds.num_classes),
     ds.image_shape,

@@ -8,7 +8,7 @@ from flax import nnx
 
 from flaxtrain import models, steps
 from flaxtrain.errors import UserError
-from flaxtrain.models import adapters
+from flaxtrain.models import adapters, analysis
 
 # Pinned so that a change to a model's definition cannot go unnoticed.
 PARAM_COUNTS = {"fashion_cnn": 824_458, "fashion_mlp": 101_770, "fashion_resnet": 697_130}
@@ -170,7 +170,7 @@ def test_cnn_conv_implementations_share_parameters_and_outputs():
 def test_initial_state_is_the_initializer_at_xlas_default_optimization(name):
   """steps.init_state compiles the initializer at a lower LLVM level on the CPU (seconds
   faster); the values must be bitwise those of the default compile."""
-  from flaxtrain import optimizers, parallel, steps
+  from flaxtrain import optimizers, parallel
 
   cfg = load_config(name)
   model = models.get(cfg.model, num_classes=10)
@@ -223,12 +223,12 @@ class _NNXNet(nnx.Module):
 def test_has_convolutions_of_the_registered_models(config, expected):
   """The CPU's default steps_per_dispatch follows it (experiment.default_steps_per_dispatch)."""
   model = models.get(load_config(config).model, 10, image_shape=(28, 28, 1))
-  assert steps.has_convolutions(model, (28, 28, 1)) is expected
+  assert analysis.has_convolutions(model, (28, 28, 1)) is expected
 
 
 @pytest.mark.parametrize("conv", [False, True])
 def test_has_convolutions_finds_nested_and_nnx_convolutions(conv):
   linen = adapters.LinenModel(_Nested(conv=conv))
   nnx_model = adapters.NNXModel(_NNXNet, {"conv": conv})
-  assert steps.has_convolutions(linen, (28, 28, 1)) is conv
-  assert steps.has_convolutions(nnx_model, (28, 28, 1)) is conv
+  assert analysis.has_convolutions(linen, (28, 28, 1)) is conv
+  assert analysis.has_convolutions(nnx_model, (28, 28, 1)) is conv
