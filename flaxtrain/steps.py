@@ -138,17 +138,21 @@ def make_train_chunk(
     """The leaves of a params-like tree that the optimizer trains."""
     return [x for x, f in zip(jax.tree.leaves(tree), frozen_flags(tree), strict=True) if not f]
 
-  def with_frozen(params, leaves, frozen_leaf):
-    """`params`' tree with the trained `leaves` and frozen_leaf(p) for each frozen p."""
+  def with_zeros(params, leaves):
+    """`params`' tree with the trained `leaves` and zeros for the frozen ones."""
     flat, treedef = jax.tree.flatten(params)
     it = iter(leaves)
     return treedef.unflatten(
-      [frozen_leaf(p) if f else next(it) for p, f in zip(flat, frozen_flags(params), strict=True)]
+      [
+        jnp.zeros_like(p) if f else next(it)
+        for p, f in zip(flat, frozen_flags(params), strict=True)
+      ]
     )
 
   def micro_loss(params, model_state, x, batch, rng):
     if freeze != "none":
-      params = with_frozen(params, trained(params), jax.lax.stop_gradient)
+      frozen = optimizers.frozen(params, freeze)
+      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
     variables = {"params": params, **model_state}
     mutable = [*model_state, "losses"]
     outputs, new_vars = model.apply(
@@ -280,7 +284,7 @@ def make_train_chunk(
     # From the averaged loss and gradients: every device decides the same.
     finite = all_finite(loss, grads)
     applied = finite & allowed  # The same on every device: both are.
-    grads = with_frozen(state.params, grads, jnp.zeros_like)  # The optimizer's tree.
+    grads = with_zeros(state.params, grads)  # The optimizer's tree.
 
     def update(grads, params, opt_state, ema_params):
       updates, opt_state = tx.update(grads, opt_state, params)
