@@ -289,9 +289,15 @@ def make_train_chunk(
     def update(grads, params, opt_state, ema_params):
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
-      if ema_decay:
+      if ema_decay:  # A frozen param's average is the param (both start equal): kept.
         d = ema_decay_at(state.step, ema_decay)
-        ema_params = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema_params, params)
+        flat, treedef = jax.tree.flatten(ema_params)
+        ema_params = treedef.unflatten(
+          [
+            e if f else d * e + (1.0 - d) * p
+            for e, p, f in zip(flat, jax.tree.leaves(params), frozen_flags(params), strict=True)
+          ]
+        )
       return params, opt_state, ema_params
 
     def keep(grads, params, opt_state, ema_params):

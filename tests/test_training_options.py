@@ -61,9 +61,9 @@ def test_batch_stats_are_updated_in_training_and_used_in_eval(synthetic_data):
 
 
 def test_a_linear_probe_keeps_the_backbone_and_its_batch_stats_as_they_were(synthetic_data):
-  """optimizer.freeze='backbone': only the head moves; BatchNorm normalises with the
-  running statistics (as in eval) and they stay bitwise as they were."""
-  exp = experiment.Experiment(_small_resnet(**{"optimizer.freeze": "backbone"}))
+  """optimizer.freeze='backbone': only the head moves, and only the head's EMA; BatchNorm
+  normalises with the running statistics (as in eval) and they stay bitwise as they were."""
+  exp = experiment.Experiment(_small_resnet(**{"optimizer.freeze": "backbone", "ema_decay": 0.9}))
   before = exp.par.to_host(exp.init_state())
   state, _ = _run(exp, 3)  # Donates its fresh state: compared on the host.
   after = exp.par.to_host(state)
@@ -71,6 +71,9 @@ def test_a_linear_probe_keeps_the_backbone_and_its_batch_stats_as_they_were(synt
   for name in before.params:
     moved = _max_diff(after.params[name], before.params[name])
     assert (moved > 0) == (name == "Dense_0"), name
+    # The EMA of a frozen param is the param, bitwise (not averaged again every step).
+    ema_moved = _max_diff(after.ema_params[name], before.params[name])
+    assert (ema_moved > 0) == (name == "Dense_0"), name
 
 
 def test_a_regex_freeze_keeps_its_batchnorm_statistics(synthetic_data):
